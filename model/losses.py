@@ -1,0 +1,96 @@
+"""The ELBO and the importance-weighted log-likelihood estimate, per example, in nats."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from model.vae import VAE, VAEOutput, randn
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)) per example, (B,).
+
+    Closed form for diagonal Gaussians (Kingma & Welling 2014, Appendix B):
+    -KL = 1/2 * sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2).
+    """
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+
+
+def log_normal(z: torch.Tensor, mu: torch.Tensor | None = None, logvar: torch.Tensor | None = None) -> torch.Tensor:
+    """log N(z; mu, diag(exp(logvar))) summed over the last dimension; the standard normal when mu/logvar are None."""
+    if mu is None or logvar is None:
+        return -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
+    return -0.5 * (LOG_2PI + logvar + (z - mu).pow(2) * torch.exp(-logvar)).sum(-1)
+
+
+@dataclass
+class ELBO:
+    """Per-example terms, each (B,): elbo = recon - kl (beta = 1); loss = -(recon - beta * kl)."""
+
+    elbo: torch.Tensor
+    recon: torch.Tensor  # E_q[log p(x|z)], one-sample estimate
+    kl: torch.Tensor
+
+    def loss(self, beta: float = 1.0) -> torch.Tensor:
+        """The mean negative (beta-weighted) ELBO over the batch: what the optimiser minimises."""
+        return -(self.recon - beta * self.kl).mean()
+
+
+def elbo(model: VAE, x: torch.Tensor, generator: torch.Generator | None = None) -> ELBO:
+    """One-sample ELBO per example. For a plain autoencoder the KL term is defined as 0 (no posterior)."""
+    return elbo_from_output(model, x, model(x, generator=generator))
+
+
+def elbo_from_output(model: VAE, x: torch.Tensor, out: VAEOutput) -> ELBO:
+    """The ELBO terms of a forward pass already made (by the model or a wrapper of it, such as DDP)."""
+    recon = model.log_prob(x, out.params)
+    kl = torch.zeros_like(recon) if model.config.kind == "ae" else kl_divergence(out.mu, out.logvar)
+    return ELBO(elbo=recon - kl, recon=recon, kl=kl)
+
+
+@torch.no_grad()
+def iwae_log_likelihood(
+    model: VAE,
+    x: torch.Tensor,
+    k: int = 5000,
+    chunk_elems: int = 2**24,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Importance-weighted estimate of log p(x) per example, (B,) (Burda et al. 2015, Eq. 8):
+
+        log p(x) ~= logsumexp_i [log p(x, z_i) - log q(z_i|x)] - log k,   z_i ~ q(z|x).
+
+    The k samples are drawn in chunks and folded into a running logsumexp, so memory is bounded by
+    chunk_elems decoder outputs whatever k is. The estimate is a lower bound that tightens as k grows.
+    """
+    if model.config.kind == "ae":
+        raise ValueError("a deterministic autoencoder defines no likelihood p(x)")
+    mu, logvar = model.encode(x)
+    batch, per_image = x.shape[0], model.config.input_dim * model.decoder.n_params
+    chunk = max(1, min(k, chunk_elems // max(1, batch * per_image)))
+    running = torch.full((batch,), -math.inf, device=x.device, dtype=mu.dtype)
+    done = 0
+    while done < k:
+        n = min(chunk, k - done)
+        eps = randn((n, *mu.shape), generator, like=mu)  # (n, B, D)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        log_w = model.log_prob(x, model.decode(z)) + log_normal(z) - log_normal(z, mu, logvar)  # (n, B)
+        running = torch.logaddexp(running, torch.logsumexp(log_w, dim=0))
+        done += n
+    return running - math.log(k)
+
+
+def bits_per_dim(nats: torch.Tensor | float, dims: int) -> torch.Tensor | float:
+    """Negative log-likelihood in nats per example -> bits per dimension."""
+    return nats / (dims * math.log(2))
+
+
+@torch.no_grad()
+def active_units(mu: torch.Tensor, threshold: float = 1e-2) -> int:
+    """Latent dimensions whose posterior mean varies across the data: Cov_x(E_q[z_j]) > threshold (Burda et al.)."""
+    return int((mu.var(dim=0) > threshold).sum())

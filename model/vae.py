@@ -1,0 +1,233 @@
+"""The Variational Autoencoder of Kingma & Welling (2014), config-driven.
+
+VAEConfig holds every architecture setting; it is stored in the checkpoint so a served model is rebuilt exactly.
+The encoder q(z|x) is a diagonal Gaussian; the decoder p(x|z) is Bernoulli (logits) or Gaussian (mean and
+log-variance per pixel). Encoder and decoder bodies are either MLPs (the paper's) or strided convolutions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "silu": nn.SiLU, "softplus": nn.Softplus}
+LIKELIHOODS = ("bernoulli", "gaussian")
+BODIES = ("mlp", "conv")
+KINDS = ("vae", "ae")
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    input_shape: tuple[int, int, int] = (1, 28, 28)  # (C, H, W)
+    latent_dim: int = 20
+    encoder: str = "mlp"  # "mlp" | "conv"
+    decoder: str = "mlp"  # "mlp" | "conv"
+    hidden_dims: tuple[int, ...] = (500,)  # MLP widths (encoder order; the decoder mirrors them)
+    conv_channels: tuple[int, ...] = (32, 64)  # one stride-2 conv per entry
+    activation: str = "relu"
+    likelihood: str = "bernoulli"  # "bernoulli" | "gaussian"
+    gaussian_min_logvar: float = -9.0  # soft floor on the decoder's log-variance; keeps densities finite
+    kind: str = "vae"  # "vae" | "ae" (deterministic autoencoder baseline: the code is the encoder's mean)
+
+    def __post_init__(self) -> None:
+        # Coerce lists (from JSON) to tuples so configs compare and hash by value.
+        object.__setattr__(self, "input_shape", tuple(int(v) for v in self.input_shape))
+        object.__setattr__(self, "hidden_dims", tuple(int(v) for v in self.hidden_dims))
+        object.__setattr__(self, "conv_channels", tuple(int(v) for v in self.conv_channels))
+        problems = []
+        if len(self.input_shape) != 3 or min(self.input_shape) < 1:
+            problems.append(f"input_shape must be (C, H, W) with positive sizes, got {self.input_shape}")
+        if self.latent_dim < 1:
+            problems.append(f"latent_dim must be >= 1, got {self.latent_dim}")
+        if self.encoder not in BODIES or self.decoder not in BODIES:
+            problems.append(f"encoder/decoder must be one of {BODIES}, got {self.encoder!r}/{self.decoder!r}")
+        if self.activation not in ACTIVATIONS:
+            problems.append(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.likelihood not in LIKELIHOODS:
+            problems.append(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        if self.kind not in KINDS:
+            problems.append(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if "conv" in (self.encoder, self.decoder) and not self.conv_channels:
+            problems.append("a conv encoder/decoder needs at least one entry in conv_channels")
+        if any(h < 1 for h in self.hidden_dims) or any(c < 1 for c in self.conv_channels):
+            problems.append("hidden_dims and conv_channels must be positive")
+        if problems:
+            raise ValueError("invalid VAEConfig: " + "; ".join(problems))
+
+    @property
+    def input_dim(self) -> int:
+        c, h, w = self.input_shape
+        return c * h * w
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VAEConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown VAEConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class VAEOutput:
+    mu: torch.Tensor  # (B, latent_dim) posterior mean
+    logvar: torch.Tensor  # (B, latent_dim) posterior log-variance
+    z: torch.Tensor  # (B, latent_dim) the sample the decoder saw
+    params: torch.Tensor  # (B, P*C, H, W) decoder output: P=1 logits (Bernoulli), P=2 mean-logit+logvar (Gaussian)
+    extra: dict = field(default_factory=dict)
+
+
+def randn(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """N(0, I) noise drawn on the generator's own device, so a seed gives the same numbers on CPU and GPU."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=device).to(device=like.device, dtype=like.dtype)
+
+
+def _mlp(dims: list[int], act: type[nn.Module]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for d_in, d_out in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(d_in, d_out), act()]
+    return nn.Sequential(*layers)
+
+
+def conv_shapes(input_shape: tuple[int, int, int], channels: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """Feature-map shapes after each stride-2 conv (kernel 4, padding 1): each side becomes floor(side / 2)."""
+    _, h, w = input_shape
+    shapes = [input_shape]
+    for c in channels:
+        h, w = h // 2, w // 2
+        if h < 1 or w < 1:
+            raise ValueError(f"input {input_shape} is too small for {len(channels)} stride-2 conv layers")
+        shapes.append((c, h, w))
+    return shapes
+
+
+class Encoder(nn.Module):
+    """x (B, C, H, W) in [0, 1] -> (mu, logvar), each (B, latent_dim)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        act = ACTIVATIONS[cfg.activation]
+        if cfg.encoder == "conv":
+            shapes = conv_shapes(cfg.input_shape, cfg.conv_channels)
+            convs: list[nn.Module] = []
+            for (c_in, _, _), (c_out, _, _) in zip(shapes[:-1], shapes[1:]):
+                convs += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), act()]
+            c, h, w = shapes[-1]
+            feat = c * h * w
+            self.features = nn.Sequential(*convs, nn.Flatten())
+        else:
+            feat = cfg.input_dim
+            self.features = nn.Flatten()
+        self.body = _mlp([feat, *cfg.hidden_dims], act)
+        self.head = nn.Linear(cfg.hidden_dims[-1] if cfg.hidden_dims else feat, 2 * cfg.latent_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(self.features(x))
+        mu, logvar = self.head(h).chunk(2, dim=-1)
+        return mu, logvar
+
+
+class Decoder(nn.Module):
+    """z (B, latent_dim) -> distribution parameters (B, P*C, H, W)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        act = ACTIVATIONS[cfg.activation]
+        c_img, h_img, w_img = cfg.input_shape
+        self.n_params = 1 if cfg.likelihood == "bernoulli" else 2
+        out_c = self.n_params * c_img
+        hidden = list(reversed(cfg.hidden_dims))
+        self.body = _mlp([cfg.latent_dim, *hidden], act)
+        width = hidden[-1] if hidden else cfg.latent_dim
+        if cfg.decoder == "conv":
+            shapes = conv_shapes(cfg.input_shape, cfg.conv_channels)
+            c, h, w = shapes[-1]
+            layers: list[nn.Module] = [nn.Linear(width, c * h * w), act(), nn.Unflatten(1, (c, h, w))]
+            # Walk the encoder's shapes backwards; output_padding restores sides that were odd.
+            rev = list(reversed(shapes))
+            for i, ((c_in, h_in, w_in), (c_out, h_out, w_out)) in enumerate(zip(rev[:-1], rev[1:])):
+                last = i == len(rev) - 2
+                pad = (h_out - 2 * h_in, w_out - 2 * w_in)
+                layers.append(nn.ConvTranspose2d(c_in, out_c if last else c_out, 4, 2, 1, output_padding=pad))
+                if not last:
+                    layers.append(act())
+            self.head = nn.Sequential(*layers)
+        else:
+            self.head = nn.Sequential(nn.Linear(width, out_c * h_img * w_img), nn.Unflatten(1, (out_c, h_img, w_img)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(z))
+
+
+class VAE(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+    # -- the model's verbs -------------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, C, H, W) in [0, 1] -> posterior mean and log-variance, each (B, latent_dim)."""
+        return self.encoder(x)
+
+    def reparameterize(
+        self, mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """z = mu + sigma * eps, eps ~ N(0, I): a sample that gradients flow through (Kingma & Welling, Sec. 2.4).
+
+        The plain autoencoder has no posterior noise: its code is the mean."""
+        if self.config.kind == "ae":
+            return mu
+        return mu + torch.exp(0.5 * logvar) * randn(mu.shape, generator, like=mu)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z (..., latent_dim) -> decoder parameters (..., P*C, H, W)."""
+        lead = z.shape[:-1]
+        params = self.decoder(z.reshape(-1, z.shape[-1]))
+        return params.reshape(*lead, *params.shape[1:])
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> VAEOutput:
+        mu, logvar = self.encode(x)
+        z = self.reparameterize(mu, logvar, generator)
+        return VAEOutput(mu=mu, logvar=logvar, z=z, params=self.decode(z))
+
+    # -- the decoder distribution p(x|z) ---------------------------------------------------------------------------
+    def split_params(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decoder output -> (logits or mean-logits, log-variance or None); works on any leading shape."""
+        if self.config.likelihood == "bernoulli":
+            return params, None
+        c = self.config.input_shape[0]
+        mean_logit, raw_logvar = params.split(c, dim=-3)
+        floor = self.config.gaussian_min_logvar
+        return mean_logit, floor + F.softplus(raw_logvar - floor)
+
+    def mean_image(self, params: torch.Tensor) -> torch.Tensor:
+        """The decoder's mean in [0, 1]: Bernoulli probabilities, or the Gaussian mean. Never raw logits."""
+        return torch.sigmoid(self.split_params(params)[0])
+
+    def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """log p(x|z) summed over pixels: x (B, C, H, W), params (..., B, P*C, H, W) -> (..., B)."""
+        logits, logvar = self.split_params(params)
+        if logvar is None:
+            # Bernoulli: -BCE with logits, stable for large |logit|.
+            ll = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none")
+        else:
+            mean = torch.sigmoid(logits)
+            ll = -0.5 * (LOG_2PI + logvar + (x - mean) ** 2 * torch.exp(-logvar))
+        return ll.flatten(-3).sum(-1)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n images (n, C, H, W) in [0, 1] decoded from z ~ N(0, temperature^2 I)."""
+        z = randn((n, self.config.latent_dim), generator, like=next(self.parameters()))
+        return self.mean_image(self.decode(z * temperature))
