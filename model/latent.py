@@ -30,8 +30,4 @@ def manifold_grid(steps: int, center: torch.Tensor, directions: torch.Tensor, sp
     along the first. For a 2-D model, identity directions and span 1.645 cover the prior's central 90%."""
     ticks = torch.linspace(-1, 1, steps, dtype=center.dtype)
     rows, cols = torch.meshgrid(-ticks, ticks, indexing="ij")
-    return (
-        center
-        + (cols.reshape(-1, 1) * span[0]) * directions[0]
-        + (rows.reshape(-1, 1) * span[1]) * directions[1]
-    )
+    return center + (cols.reshape(-1, 1) * span[0]) * directions[0] + (rows.reshape(-1, 1) * span[1]) * directions[1]

@@ -15,7 +15,7 @@ import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -236,7 +236,7 @@ def train(cfg: TrainConfig, vae_config: VAEConfig, command: str) -> dict | None:
     state_dir = out / STATE_DIR
     if cfg.resume and (state_dir / "state.json").is_file():
         meta = load_state(state_dir, model, optimizer, gens)
-        if meta["vae_config"] != vae_config.to_dict():
+        if VAEConfig.from_dict(meta["vae_config"]) != vae_config:
             raise ValueError(f"{state_dir} was written for another architecture; use a new --out or drop --resume")
         start_epoch, step, history, best = meta["epoch"] + 1, meta["step"], meta["history"], meta["best"]
         elapsed_before = meta["wall_time_s"]
@@ -345,8 +345,12 @@ def finish(cfg, vae_config, out, history, best, wall_time, command, world_size, 
         "name": cfg.name or (cfg.dataset if cfg.dataset != "folder" else Path(cfg.image_dir).name),
         "description": f"{vae_config.kind.upper()} trained on {cfg.dataset} by vae-serve's training module",
         "input": input_spec(vae_config.input_shape, binarized=vae_config.likelihood == "bernoulli"),
-        "dataset": {"name": cfg.dataset, "train_images": len(train_x), "val_images": len(val_x),
-                    "test_images": len(test_x)},  # fmt: skip
+        "dataset": {
+            "name": cfg.dataset,
+            "train_images": len(train_x),
+            "val_images": len(val_x),
+            "test_images": len(test_x),
+        },  # fmt: skip
         "metrics": metrics,
         "latent_stats": stats,
         "training": {
@@ -360,7 +364,7 @@ def finish(cfg, vae_config, out, history, best, wall_time, command, world_size, 
             "config": {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume")},
         },
         "versions": {"vae_serve": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     card = checkpoint.save(model, card, out)
     write_metrics_csv(out / METRICS_CSV, history)

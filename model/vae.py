@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +94,7 @@ def randn(shape: tuple[int, ...], generator: torch.Generator | None, like: torch
 
 def _mlp(dims: list[int], act: type[nn.Module]) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for d_in, d_out in zip(dims[:-1], dims[1:]):
+    for d_in, d_out in pairwise(dims):
         layers += [nn.Linear(d_in, d_out), act()]
     return nn.Sequential(*layers)
 
@@ -119,7 +120,7 @@ class Encoder(nn.Module):
         if cfg.encoder == "conv":
             shapes = conv_shapes(cfg.input_shape, cfg.conv_channels)
             convs: list[nn.Module] = []
-            for (c_in, _, _), (c_out, _, _) in zip(shapes[:-1], shapes[1:]):
+            for (c_in, _, _), (c_out, _, _) in pairwise(shapes):
                 convs += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), act()]
             c, h, w = shapes[-1]
             feat = c * h * w
@@ -154,7 +155,7 @@ class Decoder(nn.Module):
             layers: list[nn.Module] = [nn.Linear(width, c * h * w), act(), nn.Unflatten(1, (c, h, w))]
             # Walk the encoder's shapes backwards; output_padding restores sides that were odd.
             rev = list(reversed(shapes))
-            for i, ((c_in, h_in, w_in), (c_out, h_out, w_out)) in enumerate(zip(rev[:-1], rev[1:])):
+            for i, ((c_in, h_in, w_in), (c_out, h_out, w_out)) in enumerate(pairwise(rev)):
                 last = i == len(rev) - 2
                 pad = (h_out - 2 * h_in, w_out - 2 * w_in)
                 layers.append(nn.ConvTranspose2d(c_in, out_c if last else c_out, 4, 2, 1, output_padding=pad))

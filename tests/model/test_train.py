@@ -1,0 +1,107 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_tiny_checkpoint, write_synthetic_images
+
+from model import checkpoint
+from model.report import METRICS_CSV
+from model.train import main as train_main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def read_csv(path):
+    import csv
+
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_writes_a_complete_checkpoint(tiny_checkpoint):
+    model, card = checkpoint.load(tiny_checkpoint)
+    for name in ("weights.safetensors", "model_card.json", METRICS_CSV, "loss_curve.png", "samples.png",
+                 "reconstructions.png", "manifold.png"):  # fmt: skip
+        assert (tiny_checkpoint / name).is_file(), name
+    assert card["input"]["shape"] == [1, 8, 8] and card["input"]["color_mode"] == "L"
+    m = card["metrics"]
+    assert {"test_elbo", "test_nll", "nll_k", "nll_n", "active_units"} <= set(m)
+    assert m["test_nll"] <= -m["test_elbo"] + 1.0  # the IWAE bound is (on average) tighter than the ELBO
+    stats = card["latent_stats"]
+    assert len(stats["mean"]) == 2 and len(stats["principal_directions"]) == 2
+    t = card["training"]
+    assert t["command"].startswith("python -m model.train") and t["seed"] == 0 and t["wall_time_s"] > 0
+    assert card["weights"]["sha256"] == checkpoint.sha256_file(tiny_checkpoint / "weights.safetensors")
+    assert {"torch", "python", "vae_serve"} <= set(card["versions"])
+
+
+def test_loss_falls_on_a_tiny_dataset(tmp_path):
+    out = make_tiny_checkpoint(tmp_path, "falls", "--epochs", "8", "--lr", "3e-3", "--lr-schedule", "constant")
+    rows = read_csv(out / METRICS_CSV)
+    assert float(rows[-1]["train_elbo"]) > float(rows[0]["train_elbo"]) + 1.0
+
+
+def test_training_is_deterministic_for_a_seed(tmp_path):
+    a = make_tiny_checkpoint(tmp_path / "a", "same")
+    b = make_tiny_checkpoint(tmp_path / "b", "same")
+    assert (a / "weights.safetensors").read_bytes() == (b / "weights.safetensors").read_bytes()
+
+
+def test_resume_continues_where_it_stopped(tmp_path):
+    straight = make_tiny_checkpoint(tmp_path / "straight", "r", "--epochs", "4", "--lr-schedule", "constant")
+    resumed_dir = tmp_path / "resumed"
+    make_tiny_checkpoint(resumed_dir, "r", "--epochs", "2", "--lr-schedule", "constant")
+    resumed = make_tiny_checkpoint(resumed_dir, "r", "--epochs", "4", "--lr-schedule", "constant", "--resume")
+    assert [r["train_elbo"] for r in read_csv(straight / METRICS_CSV)] == [
+        r["train_elbo"] for r in read_csv(resumed / METRICS_CSV)
+    ]
+    assert (straight / "weights.safetensors").read_bytes() == (resumed / "weights.safetensors").read_bytes()
+
+
+def test_missing_dataset_is_one_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_main(["--dataset", "mnist", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: dataset 'mnist' not found") and "model.download" in err
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    out = capsys.readouterr().out
+    assert "--latent-dim" in out and "(default: 20)" in out and "--warmup-epochs" in out
+
+
+def test_evaluate_cli_json_and_card_update(tiny_checkpoint, tmp_path, capsys):
+    from model.evaluate import main as evaluate_main
+
+    images = tiny_checkpoint.parent / "tiny-images"
+    evaluate_main([str(tiny_checkpoint), "--k", "16", "--limit", "3", "--json", "--image-dir", str(images)])
+    figures = json.loads(capsys.readouterr().out)
+    assert set(figures) >= {"elbo", "nll", "k", "n"} and figures["n"] == 3 and figures["k"] == 16
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in tiny_checkpoint.iterdir():
+        if f.is_file():
+            (copy / f.name).write_bytes(f.read_bytes())
+    evaluate_main([str(copy), "--k", "16", "--image-dir", str(images)])
+    card = checkpoint.read_card(copy)
+    assert card["metrics"]["nll_k"] == 16 and "evaluated_s" in card["metrics"]
+
+
+def test_torchrun_two_processes(tmp_path):
+    images = write_synthetic_images(tmp_path / "images")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "model.train",
+           "--dataset", "folder", "--image-dir", str(images), "--image-size", "8x8", "--channels", "1",
+           "--hidden", "16", "--latent-dim", "2", "--likelihood", "bernoulli", "--epochs", "2", "--batch-size", "16",
+           "--eval-k", "4", "--no-progress", "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, card = checkpoint.load(out)
+    assert card["training"]["processes"] == 2 and card["training"]["command"].startswith("torchrun")

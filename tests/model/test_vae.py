@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+from model.vae import VAE, VAEConfig
+
+CONFIGS = {
+    "mlp-bernoulli": VAEConfig(input_shape=(1, 8, 8), latent_dim=2, hidden_dims=(16,)),
+    "mlp-gaussian-2layers": VAEConfig(
+        input_shape=(1, 7, 5), latent_dim=3, hidden_dims=(16, 8), likelihood="gaussian", activation="tanh"
+    ),  # fmt: skip
+    "conv-rgb": VAEConfig(
+        input_shape=(3, 16, 16),
+        latent_dim=4,
+        encoder="conv",
+        decoder="conv",
+        conv_channels=(4, 8),
+        hidden_dims=(16,),
+        likelihood="gaussian",
+    ),  # fmt: skip
+    "conv-odd-sides": VAEConfig(
+        input_shape=(1, 28, 20), latent_dim=2, encoder="conv", decoder="conv", conv_channels=(4, 8), hidden_dims=()
+    ),  # fmt: skip
+    "conv-enc-mlp-dec": VAEConfig(
+        input_shape=(1, 28, 28), latent_dim=5, encoder="conv", decoder="mlp", conv_channels=(4,), hidden_dims=(32,)
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shapes(name):
+    cfg = CONFIGS[name]
+    torch.manual_seed(0)
+    model = VAE(cfg)
+    x = torch.rand(5, *cfg.input_shape)
+    out = model(x)
+    assert out.mu.shape == out.logvar.shape == out.z.shape == (5, cfg.latent_dim)
+    n_params = 1 if cfg.likelihood == "bernoulli" else 2
+    assert out.params.shape == (5, n_params * cfg.input_shape[0], *cfg.input_shape[1:])
+    mean = model.mean_image(out.params)
+    assert mean.shape == x.shape and mean.min() >= 0 and mean.max() <= 1
+    assert model.log_prob(x, out.params).shape == (5,)
+    # decode accepts extra leading dimensions (used by the importance-weighted estimate)
+    assert model.decode(torch.zeros(3, 5, cfg.latent_dim)).shape == (3, *out.params.shape)
+
+
+def test_eval_mode_encoding_is_deterministic_and_sampling_is_seeded():
+    model = VAE(CONFIGS["mlp-bernoulli"]).eval()
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.equal(model.encode(x)[0], model.encode(x)[0])
+    a = model.sample(6, generator=torch.Generator().manual_seed(3))
+    b = model.sample(6, generator=torch.Generator().manual_seed(3))
+    c = model.sample(6, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_gradients_reach_the_encoder():
+    from model.losses import elbo
+
+    model = VAE(CONFIGS["conv-rgb"])
+    elbo(model, torch.rand(4, 3, 16, 16)).loss().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+
+
+def test_gaussian_logvar_has_a_floor():
+    model = VAE(CONFIGS["mlp-gaussian-2layers"])
+    params = torch.full((1, 2, 7, 5), -1e4)
+    _, logvar = model.split_params(params)
+    assert torch.all(logvar >= model.config.gaussian_min_logvar)
+
+
+def test_ae_code_is_the_mean():
+    cfg = VAEConfig(input_shape=(1, 8, 8), latent_dim=2, hidden_dims=(16,), kind="ae")
+    model = VAE(cfg)
+    out = model(torch.rand(3, 1, 8, 8))
+    assert torch.equal(out.z, out.mu)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"latent_dim": 0},
+        {"likelihood": "poisson"},
+        {"encoder": "transformer"},
+        {"activation": "gelu2"},
+        {"input_shape": (1, 28)},
+        {"kind": "gan"},
+    ],
+)
+def test_config_validation(bad):
+    with pytest.raises(ValueError, match="invalid VAEConfig"):
+        VAEConfig(**bad)
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = CONFIGS["conv-rgb"]
+    assert VAEConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown VAEConfig keys"):
+        VAEConfig.from_dict({**cfg.to_dict(), "depth": 3})
+
+
+def test_conv_input_too_small():
+    with pytest.raises(ValueError, match="too small"):
+        VAE(VAEConfig(input_shape=(1, 4, 4), encoder="conv", decoder="conv", conv_channels=(2, 2, 2)))
