@@ -242,6 +242,7 @@ def train(cfg: TrainConfig, vae_config: VAEConfig, command: str) -> dict | None:
         elapsed_before = meta["wall_time_s"]
         log(f"resumed from {state_dir} after epoch {meta['epoch']} (best val ELBO {best['val_elbo']:.3f})")
     net = dist.wrap(model)
+    run = {"data": (train_x, val_x, test_x), "command": command, "world_size": dist.world_size, "device": device}
 
     local_bs = max(1, cfg.batch_size // dist.world_size)
     steps_per_epoch = math.ceil((len(train_x) // dist.world_size) / local_bs)
@@ -300,7 +301,8 @@ def train(cfg: TrainConfig, vae_config: VAEConfig, command: str) -> dict | None:
             best = {"val_elbo": val["elbo"], "epoch": epoch}
             bad_epochs = 0
             if dist.is_main:
-                checkpoint.save(model, {"status": "training"}, out)
+                run["wall_time"] = elapsed_before + time.time() - started
+                checkpoint.save(model, {**describe(cfg, vae_config, run, history, best), "status": "training"}, out)
         elif beta >= cfg.beta:
             bad_epochs += 1
         wall = elapsed_before + time.time() - started
@@ -324,24 +326,16 @@ def train(cfg: TrainConfig, vae_config: VAEConfig, command: str) -> dict | None:
     wall_time = elapsed_before + time.time() - started
     card = None
     if dist.is_main:
-        data = (train_x, val_x, test_x)
-        card = finish(cfg, vae_config, out, history, best, wall_time, command, dist.world_size, device, data)
+        run["wall_time"] = wall_time
+        card = finish(cfg, vae_config, out, run, history, best)
     dist.close()
     return card
 
 
-def finish(cfg, vae_config, out, history, best, wall_time, command, world_size, device, data) -> dict:
-    """Reload the best epoch's weights, measure it, and write card, CSV and figures."""
-    train_x, val_x, test_x = data
-    model, _ = checkpoint.load(out, device)
-    x_eval = test_x if cfg.eval_limit is None else test_x[: cfg.eval_limit]
-    print(f"final evaluation: ELBO and NLL (k={cfg.eval_k}) on {len(x_eval)} test images")
-    metrics = full_metrics(model, x_eval, k=cfg.eval_k, progress=cfg.progress)
-    metrics["best_epoch"] = best["epoch"] + 1
-    metrics["best_val_elbo"] = round(best["val_elbo"], 4)
-    train_for_stats = fixed_binarized(train_x, seed=2) if vae_config.likelihood == "bernoulli" else train_x
-    stats = latent_statistics(posterior_means(model, train_for_stats))
-    card = {
+def describe(cfg: TrainConfig, vae_config: VAEConfig, run: dict, history: list[dict], best: dict) -> dict:
+    """The card's provenance sections, written with every saved epoch so even an unfinished run is servable."""
+    train_x, val_x, test_x = run["data"]
+    return {
         "name": cfg.name or (cfg.dataset if cfg.dataset != "folder" else Path(cfg.image_dir).name),
         "description": f"{vae_config.kind.upper()} trained on {cfg.dataset} by vae-serve's training module",
         "input": input_spec(vae_config.input_shape, binarized=vae_config.likelihood == "bernoulli"),
@@ -351,20 +345,36 @@ def finish(cfg, vae_config, out, history, best, wall_time, command, world_size, 
             "val_images": len(val_x),
             "test_images": len(test_x),
         },  # fmt: skip
-        "metrics": metrics,
-        "latent_stats": stats,
         "training": {
-            "command": command,
+            "command": run["command"],
             "seed": cfg.seed,
-            "processes": world_size,
-            "device": str(device),
+            "processes": run["world_size"],
+            "device": str(run["device"]),
             "epochs_run": len(history),
             "best_epoch": best["epoch"] + 1,
-            "wall_time_s": round(wall_time, 1),
+            "wall_time_s": round(run["wall_time"], 1),
             "config": {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume")},
         },
         "versions": {"vae_serve": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def finish(cfg: TrainConfig, vae_config: VAEConfig, out: Path, run: dict, history: list[dict], best: dict) -> dict:
+    """Reload the best epoch's weights, measure it, and write card, CSV and figures."""
+    train_x, _, test_x = run["data"]
+    model, _ = checkpoint.load(out, run["device"])
+    x_eval = test_x if cfg.eval_limit is None else test_x[: cfg.eval_limit]
+    print(f"final evaluation: ELBO and NLL (k={cfg.eval_k}) on {len(x_eval)} test images")
+    metrics = full_metrics(model, x_eval, k=cfg.eval_k, progress=cfg.progress)
+    metrics["best_epoch"] = best["epoch"] + 1
+    metrics["best_val_elbo"] = round(best["val_elbo"], 4)
+    train_for_stats = fixed_binarized(train_x, seed=2) if vae_config.likelihood == "bernoulli" else train_x
+    card = {
+        **describe(cfg, vae_config, run, history, best),
+        "status": "final",
+        "metrics": metrics,
+        "latent_stats": latent_statistics(posterior_means(model, train_for_stats)),
     }
     card = checkpoint.save(model, card, out)
     write_metrics_csv(out / METRICS_CSV, history)
