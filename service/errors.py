@@ -1,0 +1,174 @@
+"""Domain errors and the one place that maps them (and every other failure) to HTTP statuses.
+
+Every error response has the same body: `{"detail": "<human-readable message>", "code": "<machine-readable code>"}`.
+Predictor and batcher raise the exceptions below; only this module knows their statuses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger("vae_serve")
+
+
+class ServiceError(Exception):
+    """Base class: `status` and `code` choose the response; the message is the `detail`."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, detail: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = dict(headers or {})
+
+
+class InvalidPayload(ServiceError):
+    """400: the request body or an uploaded image cannot be decoded (bad base64, not a PNG/JPEG, truncated)."""
+
+    status, code = 400, "invalid_payload"
+
+
+class Unauthorized(ServiceError):
+    """401: an API key is configured and the request's is missing or wrong."""
+
+    status, code = 401, "unauthorized"
+
+
+class ModelNotFound(ServiceError):
+    """404: the request names a model this server does not serve."""
+
+    status, code = 404, "model_not_found"
+
+
+class NotAcceptable(ServiceError):
+    """406: the Accept header or `format` asks for a media type the endpoint cannot produce."""
+
+    status, code = 406, "not_acceptable"
+
+
+class PayloadTooLarge(ServiceError):
+    """413: the request body is over `max_request_bytes`."""
+
+    status, code = 413, "payload_too_large"
+
+
+class ImageTooLarge(ServiceError):
+    """413: an uploaded image has more pixels than `max_image_pixels` (decompression-bomb guard)."""
+
+    status, code = 413, "image_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    """415: the request's Content-Type is not one the endpoint reads."""
+
+    status, code = 415, "unsupported_media_type"
+
+
+class InvalidInput(ServiceError):
+    """422: a well-formed request that does not fit the model or the limits (latent length, too many images,
+    pixel-array shape, n / k / steps over their caps)."""
+
+    status, code = 422, "invalid_input"
+
+
+class UnsupportedForModel(ServiceError):
+    """422: the operation is not defined for this model (e.g. likelihoods of a plain autoencoder)."""
+
+    status, code = 422, "unsupported_for_model"
+
+
+class ModelNotReady(ServiceError):
+    """503: models are not loaded and warmed yet, or the server is shutting down."""
+
+    status, code = 503, "not_ready"
+
+
+class Overloaded(ServiceError):
+    """503 with Retry-After: the model's queue is full."""
+
+    status, code = 503, "overloaded"
+
+
+class InferenceTimeout(ServiceError):
+    """504: no result within `request_timeout_s`."""
+
+    status, code = 504, "timeout"
+
+
+class ClientDisconnected(ServiceError):
+    """499 (logged only; nobody is left to read it): the client went away, so its queued work was withdrawn."""
+
+    status, code = 499, "client_disconnected"
+
+
+class StartupError(Exception):
+    """Start-up cannot complete (no checkpoints, a bad checkpoint, a missing default model, an unusable device).
+    Not an HTTP error: the server stops with this one message."""
+
+
+# Statuses raised by Starlette/FastAPI themselves, with our codes.
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def error_response(status: int, code: str, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail, "code": code}, status_code=status, headers=dict(headers or {}))
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "request"
+
+
+def _summarise(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        if err.get("type") == "json_invalid":
+            parts.append("the body is not valid JSON")
+        else:
+            parts.append(f"{_location(tuple(err.get('loc', ())))}: {err.get('msg', 'invalid')}")
+    more = len(exc.errors()) - 5
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    return error_response(exc.status, exc.code, exc.detail, exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(422, "invalid_request", _summarise(exc))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail), exc.headers)
+
+
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    # The traceback is logged by the server (Starlette re-raises after this response is sent); the client sees
+    # a generic message only.
+    logger.error("unhandled %s in %s %s", type(exc).__name__, request.method, request.url.path)
+    return error_response(500, "internal_error", "internal server error")
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Route every failure to the one JSON error shape."""
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unhandled)

@@ -1,0 +1,90 @@
+"""create_app(settings): the FastAPI application. The lifespan loads and warms every model and starts its batcher."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import __version__
+from service.deps import require_api_key
+from service.errors import StartupError, install_handlers
+from service.metrics import Metrics, MetricsMiddleware
+from service.registry import ModelRegistry
+from service.routes import health, models, vae
+from service.settings import Settings, get_settings
+
+logger = logging.getLogger("vae_serve")
+
+DESCRIPTION = """Serves Variational Autoencoders (Kingma & Welling 2014) trained by `model/`.
+
+Every `/v1` endpoint takes an optional model name (`model`); images go in as multipart uploads (field `image`) or
+JSON (base64 or pixel arrays) and come back as JSON or, by `Accept` / `?format=`, PNG (or GIF for interpolation).
+Errors always have the body `{"detail": "...", "code": "..."}`; see docs/api.md for the table."""
+
+
+class StartupMessage:
+    """Pure ASGI: when start-up fails with a StartupError, the server logs its one line instead of a traceback."""
+
+    def __init__(self, app: ASGIApp, holder: dict[str, str]) -> None:
+        self.app = app
+        self.holder = holder
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed" and "error" in self.holder:
+                message = {**message, "message": f"vae-serve cannot start: {self.holder['error']}"}
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The application for `settings` (default: from VAE_* environment variables, e.g. for
+    `uvicorn --factory service.main:create_app`). Nothing is loaded until the lifespan starts."""
+    settings = settings or get_settings()
+    metrics = Metrics()
+    registry = ModelRegistry(settings, observer=metrics)
+    startup: dict[str, str] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            await registry.start()
+        except StartupError as e:
+            startup["error"] = str(e)
+            logger.error("vae-serve cannot start: %s", e)
+            raise
+        try:
+            yield
+        finally:
+            await registry.stop()
+
+    app = FastAPI(
+        title="vae-serve",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        responses={},
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.metrics = metrics
+    install_handlers(app)
+    app.include_router(health.router)
+    protected = [Depends(require_api_key)]
+    app.include_router(models.router, dependencies=protected)
+    app.include_router(vae.router, dependencies=protected)
+    if health.STATIC_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=health.STATIC_DIR), name="static")
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(StartupMessage, holder=startup)
+    return app

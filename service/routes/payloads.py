@@ -1,0 +1,277 @@
+"""HTTP request parsing and response rendering shared by the routes: body limits, JSON or multipart bodies,
+image inputs, content negotiation, JSON / PNG / GIF responses, and the disconnect watch."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any, Literal, TypeVar
+
+import torch
+from fastapi import Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
+
+from service import media
+from service.errors import (
+    ClientDisconnected,
+    InvalidInput,
+    InvalidPayload,
+    NotAcceptable,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from service.predictor import Tensors, VAEPredictor
+from service.registry import ServedModel
+from service.schemas import ErrorResponse
+from service.settings import Settings
+
+T = TypeVar("T", bound=BaseModel)
+Format = Literal["json", "png", "gif"]
+JSON = "application/json"
+MULTIPART = "multipart/form-data"
+# Images up to this many pixels are decoded on the event loop (tens of microseconds); larger ones in a thread.
+INLINE_PIXELS = 256 * 256
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "payload cannot be decoded (not an image, truncated, bad base64, malformed multipart)",
+        401: "API key missing or wrong (only when the server has one)",
+        404: "unknown model",
+        406: "the requested response format is not available here",
+        413: "body over max_request_bytes, or an image over max_image_pixels",
+        415: "Content-Type is not one this endpoint reads",
+        422: "invalid request, or one that does not fit the model or the limits",
+        503: "not ready, or overloaded (with Retry-After)",
+        504: "no result within request_timeout_s",
+    }.items()
+}
+
+
+# -- request bodies ---------------------------------------------------------------------------------------------------
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing more than `limit` bytes (by Content-Length first, then while reading)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body is {declared} bytes, over the limit of {limit}")
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientDisconnected("the client disconnected while sending the body") from None
+    return b"".join(chunks)
+
+
+def validate(schema: type[T], data: bytes | dict[str, Any]) -> T:
+    try:
+        if isinstance(data, bytes):
+            return schema.model_validate_json(data)
+        return schema.model_validate(data)
+    except ValidationError as e:
+        errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
+
+
+async def read_json(request: Request, schema: type[T], settings: Settings) -> T:
+    """A JSON body validated against `schema`; 415 for any other Content-Type."""
+    kind = media_type(request)
+    if kind != JSON and not kind.endswith("+json"):
+        raise UnsupportedMediaType(f"send {JSON} (got {kind or 'no Content-Type'})")
+    return validate(schema, await read_body(request, settings.max_request_bytes))
+
+
+async def read_images_request(request: Request, schema: type[T], settings: Settings) -> tuple[T, list[bytes]]:
+    """A JSON body, or a multipart form whose `image` parts are files and whose other parts are `schema`'s fields
+    -> (validated request, uploaded files' bytes). 415 for any other Content-Type."""
+    kind = media_type(request)
+    if kind == MULTIPART:
+        body = await read_body(request, settings.max_request_bytes)
+
+        async def stream() -> AsyncGenerator[bytes, None]:
+            yield body
+
+        limit = settings.max_images_per_request
+        parser = MultiPartParser(request.headers, stream(), max_files=limit + 1, max_fields=100)
+        try:
+            form = await parser.parse()
+        except MultiPartException as e:
+            if "Too many files" in e.message:
+                raise InvalidInput(f"too many images: at most {limit} per request") from None
+            raise InvalidPayload(f"malformed multipart body: {e.message}") from None
+        uploads: list[bytes] = []
+        fields: dict[str, Any] = {}
+        try:
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    if key != "image":
+                        raise InvalidInput(f"unexpected file field {key!r}: upload images as field 'image'")
+                    uploads.append(await value.read())
+                elif key == "image":
+                    raise InvalidInput("form field 'image' must be a file upload (curl -F image=@file.png)")
+                elif key in fields:
+                    raise InvalidInput(f"form field {key!r} is given twice")
+                else:
+                    fields[key] = value
+        finally:
+            await form.close()
+        return validate(schema, fields), uploads
+    if kind == JSON or kind.endswith("+json"):
+        return validate(schema, await read_body(request, settings.max_request_bytes)), []
+    raise UnsupportedMediaType(f"send {MULTIPART} (files in field 'image') or {JSON} (got {kind or 'no Content-Type'})")
+
+
+async def image_inputs(p: VAEPredictor, settings: Settings, uploads: Sequence[bytes], images: Sequence[str] | None,
+                       pixels: Sequence[Any] | None, exactly: int | None = None) -> torch.Tensor:  # fmt: skip
+    """Uploaded files, base64 images or pixel arrays (one kind per request) -> (N, C, H, W) for model `p`."""
+    given = [kind for kind, v in (("multipart files", uploads), ("images", images), ("pixels", pixels)) if v]
+    if len(given) > 1:
+        raise InvalidInput(f"send images one way per request, not {' and '.join(given)}")
+    n = len(uploads) + len(images or ()) + len(pixels or ())
+    if exactly is not None and n != exactly:
+        raise InvalidInput(f"send exactly {exactly} images (got {n})")
+    if n == 0:
+        raise InvalidInput("no images: upload files in field 'image', or send 'images' (base64) or 'pixels'")
+    if n > settings.max_images_per_request:
+        raise InvalidInput(f"too many images: {n} in one request, at most {settings.max_images_per_request}")
+    if pixels:
+        return torch.stack([p.pixels_tensor(v, f"pixels[{i}]") for i, v in enumerate(pixels)])
+    if images:
+        datas = [media.b64decode(text, f"images[{i}]") for i, text in enumerate(images)]
+        names = [f"images[{i}]" for i in range(n)]
+    else:
+        datas = list(uploads)
+        names = [f"image {i} (upload)" for i in range(n)]
+    tensors = []
+    for data, name in zip(datas, names, strict=True):
+        image = media.open_image(data, settings.max_image_pixels, name)
+        if image.width * image.height <= INLINE_PIXELS:
+            tensors.append(p.image_tensor(image, name))
+        else:
+            tensors.append(await run_in_threadpool(p.image_tensor, image, name))
+    return torch.stack(tensors)
+
+
+def fresh_seed() -> int:
+    return random.getrandbits(63)
+
+
+def generator(seed: int) -> torch.Generator:
+    """A request's own CPU generator: its draws never depend on what else is in the batch, nor on the device."""
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+# -- running ----------------------------------------------------------------------------------------------------------
+async def _disconnected(request: Request) -> None:
+    # After the body has been read, the next ASGI message is http.disconnect: when the client goes away, or
+    # when the response has been sent (by which time this watch has been cancelled).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def run(served: ServedModel, request: Request, settings: Settings, op: str, inputs: Tensors,
+              arg: Any = None) -> Tensors:  # fmt: skip
+    """Submit to the model's batcher; the work is withdrawn if the client disconnects first."""
+    return await served.batcher.submit(
+        op, inputs, arg, timeout=settings.request_timeout_s, cancel_on=lambda: _disconnected(request)
+    )
+
+
+# -- responses --------------------------------------------------------------------------------------------------------
+def negotiate(request: Request, fmt: str | None, allowed: tuple[str, ...]) -> str:
+    """`format` if given, else the Accept header: 'json' (application/json, */*), 'png' (image/png, image/*),
+    'gif' (image/gif); raises NotAcceptable. No Accept header means JSON."""
+    if fmt is not None:
+        if fmt not in allowed:
+            raise NotAcceptable(f"format {fmt!r} is not available here; choose one of {', '.join(allowed)}")
+        return fmt
+    accept = request.headers.get("accept")
+    if not accept:
+        return "json"
+    ranked = []
+    for i, part in enumerate(accept.split(",")):
+        media_range, *params = (s.strip() for s in part.split(";"))
+        q = 1.0
+        for param in params:
+            if param.startswith("q="):
+                try:
+                    q = float(param[2:])
+                except ValueError:
+                    q = 0.0
+        if q > 0:
+            ranked.append((-q, i, media_range.lower()))
+    for _, _, media_range in sorted(ranked):
+        if media_range in (JSON, "*/*", "application/*"):
+            return "json"
+        if media_range in ("image/png", "image/*") and "png" in allowed:
+            return "png"
+        if media_range in ("image/gif", "image/*") and "gif" in allowed:
+            return "gif"
+    types = {"json": JSON, "png": "image/png", "gif": "image/gif"}
+    raise NotAcceptable(f"cannot produce {accept!r} here; available: {', '.join(types[f] for f in allowed)}")
+
+
+def json_response(body: BaseModel) -> Response:
+    return Response(body.model_dump_json(exclude_none=True), media_type=JSON)
+
+
+def png_response(data: bytes) -> Response:
+    return Response(data, media_type="image/png")
+
+
+def gif_response(data: bytes) -> Response:
+    return Response(data, media_type="image/gif")
+
+
+def image_fields(images: torch.Tensor, encoding: str) -> dict[str, Any]:
+    """The `images` (base64 PNGs) or `pixels` field of a JSON response."""
+    if encoding == "pixels":
+        return {"pixels": images.tolist()}
+    return {"images": [media.png_base64(img) for img in VAEPredictor.to_pil(images)]}
+
+
+# -- OpenAPI ----------------------------------------------------------------------------------------------------------
+def _schema(schema: type[BaseModel]) -> dict[str, Any]:
+    return schema.model_json_schema(ref_template="#/components/schemas/{model}")
+
+
+def json_body(schema: type[BaseModel]) -> dict[str, Any]:
+    """openapi_extra for a route that reads its JSON body itself (to enforce the size limit first)."""
+    return {"requestBody": {"required": True, "content": {JSON: {"schema": _schema(schema)}}}}
+
+
+def images_body(schema: type[BaseModel]) -> dict[str, Any]:
+    """openapi_extra for a route that takes JSON or multipart uploads (`image`, repeated) plus form fields."""
+    form = _schema(schema)
+    props = {k: v for k, v in form.get("properties", {}).items() if k not in ("images", "pixels", "latents")}
+    props["image"] = {"type": "array", "items": {"type": "string", "format": "binary"},
+                      "description": "PNG or JPEG files, one part per image"}  # fmt: skip
+    multipart = {"type": "object", "properties": props, "required": ["image"]}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                MULTIPART: {"schema": multipart, "encoding": {"image": {"contentType": "image/png, image/jpeg"}}},
+                JSON: {"schema": form},
+            },
+        }
+    }
+
+
+def image_responses(model: type[BaseModel], *types: str) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route answering JSON (`model`) or, by negotiation, the given image types."""
+    content: dict[str, Any] = {t: {"schema": {"type": "string", "format": "binary"}} for t in types}
+    return {200: {"model": model, "content": content}, **ERRORS}

@@ -1,0 +1,209 @@
+"""Request and response bodies, one pair per endpoint, plus ModelInfo and the error body."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1, description="seed of this request's own torch.Generator")]
+Latent = list[FiniteFloat]
+# A pixel array in [0, 1]: (C, H, W), (H, W) for one-channel models, or flat C*H*W (checked against the model).
+PixelArray = list[Any]
+Encoding = Literal["png", "pixels"]
+
+_IMAGES = "base64-encoded PNG or JPEG files (any size and mode; converted as in training)"
+_PIXELS = "pixel arrays in [0, 1] at the model's exact shape: (C, H, W), (H, W) for one channel, or flat"
+_ENCODING = "how JSON responses carry images: base64 PNGs in `images`, or arrays in [0, 1] in `pixels`"
+# A 4x4 grey square as a PNG, so the schema's examples run against any model.
+EXAMPLE_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAQAAAAECAAAAACMmsGiAAAAEElEQVR4nGNsYGBgYGJAIQAJ5ACIUhZOXwAAAABJRU5ErkJggg=="
+
+
+class ErrorResponse(BaseModel):
+    """Every error has this body."""
+
+    detail: str = Field(description="what went wrong, for humans")
+    code: str = Field(description="what went wrong, for programs (see docs/api.md)")
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"detail": "unknown model 'x'; served: mnist", "code": "model_not_found"}]}
+    )
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="served model name; default: the server's default model")
+
+
+class _ImagesIn(_Request):
+    images: list[str] | None = Field(None, description=_IMAGES)
+    pixels: list[PixelArray] | None = Field(None, description=_PIXELS)
+
+
+class _ImagesOut(BaseModel):
+    images: list[str] | None = Field(None, description="base64 PNGs (encoding=png)")
+    pixels: list[list[list[list[float]]]] | None = Field(None, description="(C, H, W) arrays (encoding=pixels)")
+
+
+# -- models -------------------------------------------------------------------------------------------------------
+class ModelInfo(BaseModel):
+    name: str
+    default: bool
+    description: str | None = None
+    kind: str = Field(description="vae, or ae (plain autoencoder: no prior, no likelihood)")
+    likelihood: str = Field(description="bernoulli or gaussian decoder")
+    latent_dim: int
+    input_shape: list[int] = Field(description="(C, H, W) the model takes")
+    input: dict[str, Any] = Field(description="the card's input spec: channels, size, value range, preprocessing")
+    architecture: dict[str, Any] = Field(description="the VAEConfig the weights were trained with")
+    metrics: dict[str, Any] = Field(description="test ELBO, NLL (nats, bits/dim), active units, ...")
+    weights: dict[str, Any] = Field(description="weights file, sha256 and size")
+    dataset: dict[str, Any]
+    created: str | None = None
+    device: str
+    dtype: str
+    card: dict[str, Any] = Field(description="the full model card")
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[ModelInfo]
+
+
+# -- encode -------------------------------------------------------------------------------------------------------
+class EncodeRequest(_ImagesIn):
+    """JSON form of /v1/encode (multipart: repeated `image` files plus these fields as form fields)."""
+
+    sample: bool = Field(False, description="also return z = mu + sigma * eps drawn from q(z|x)")
+    seed: Seed | None = Field(None, description="seed for z (default: a fresh one, returned in the response)")
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"images": [EXAMPLE_PNG], "sample": True, "seed": 0}]})
+
+
+class Posterior(BaseModel):
+    mu: list[float] = Field(description="posterior mean")
+    logvar: list[float] = Field(description="posterior log-variance")
+    z: list[float] | None = Field(None, description="a sample from q(z|x) (when sample=true)")
+
+
+class EncodeResponse(BaseModel):
+    model: str
+    latent_dim: int
+    seed: int | None = Field(None, description="the seed z was drawn with (when sample=true)")
+    results: list[Posterior]
+
+
+# -- decode -------------------------------------------------------------------------------------------------------
+class DecodeRequest(_Request):
+    latents: list[Latent] = Field(min_length=1, description="latent vectors, each of the model's latent_dim")
+    encoding: Encoding = Field("png", description=_ENCODING)
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"latents": [[0.0, 0.0], [1.0, -0.5]]}]})
+
+
+class DecodeResponse(_ImagesOut):
+    model: str
+
+
+# -- sample -------------------------------------------------------------------------------------------------------
+class SampleResponse(_ImagesOut):
+    model: str
+    seed: int
+    temperature: float
+    latents: list[list[float]] = Field(description="the prior draws z (already scaled by the temperature)")
+
+
+# -- reconstruct ----------------------------------------------------------------------------------------------------
+class ReconstructRequest(_ImagesIn):
+    """JSON form of /v1/reconstruct (multipart: repeated `image` files plus these fields as form fields)."""
+
+    seed: Seed = Field(0, description="seed for the binarisation and the ELBO's posterior sample")
+    binarize: bool | None = Field(
+        None, description="Bernoulli models only: binarise the input first, as in training (default: true)"
+    )
+    encoding: Encoding = Field("png", description=_ENCODING)
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"images": [EXAMPLE_PNG], "seed": 0}]})
+
+
+class ElboTerms(BaseModel):
+    elbo: float = Field(description="one-sample ELBO = recon - kl, nats")
+    recon: float = Field(description="E_q[log p(x|z)] (one sample), nats")
+    kl: float = Field(description="KL(q(z|x) || p(z)), nats (0 for a plain autoencoder)")
+    elbo_bits_per_dim: float = Field(description="-ELBO in bits per dimension")
+
+
+class ReconstructResponse(_ImagesOut):
+    model: str
+    seed: int
+    binarized: bool = Field(description="whether the inputs were binarised before encoding")
+    results: list[ElboTerms]
+
+
+# -- score --------------------------------------------------------------------------------------------------------
+class ScoreRequest(_ImagesIn):
+    """JSON form of /v1/score (multipart: repeated `image` files plus these fields as form fields)."""
+
+    k: int = Field(100, ge=1, description="importance samples per image (capped by the server's max_score_k)")
+    seed: Seed = Field(0, description="seed for the binarisation and every sample: equal requests, equal scores")
+    binarize: bool | None = Field(
+        None, description="Bernoulli models only: binarise the input first, as in training (default: true)"
+    )
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"images": [EXAMPLE_PNG], "k": 100}]})
+
+
+class Score(ElboTerms):
+    log_likelihood: float = Field(description="importance-weighted estimate of log p(x) with k samples, nats")
+    bits_per_dim: float = Field(description="-log p(x) in bits per dimension (higher: more anomalous)")
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    k: int
+    seed: int
+    binarized: bool
+    results: list[Score]
+
+
+# -- interpolate ----------------------------------------------------------------------------------------------------
+class InterpolateRequest(_ImagesIn):
+    """Two images (base64, pixel arrays, or two multipart `image` files) or two latents."""
+
+    latents: list[Latent] | None = Field(None, description="two latent vectors (instead of two images)")
+    steps: int = Field(8, ge=2, description="frames, ends included (capped by max_interpolate_steps)")
+    path: Literal["linear", "spherical"] = Field("linear", description="straight line, or slerp (Shoemake 1985)")
+    encoding: Encoding = Field("png", description=_ENCODING)
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"latents": [[-1.5, 0.0], [1.5, 0.5]], "steps": 8, "path": "spherical"}]}
+    )
+
+
+class InterpolateResponse(_ImagesOut):
+    model: str
+    path: str
+    latents: list[list[float]] = Field(description="the codes decoded, one per frame")
+
+
+# -- manifold -------------------------------------------------------------------------------------------------------
+class ManifoldResponse(_ImagesOut):
+    model: str
+    steps: int
+    basis: Literal["prior", "principal_directions"]
+    center: list[float]
+    directions: list[list[float]]
+    span: list[float] = Field(description="half-width of the grid along each direction")
+    latents: list[list[float]] = Field(description="the steps x steps codes, row-major")
+
+
+# -- health -------------------------------------------------------------------------------------------------------
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    models: list[str]

@@ -1,0 +1,84 @@
+"""Deployment settings (never architecture: that comes from each checkpoint's card)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every field can be set as `VAE_<FIELD>` in the environment or as `--<field>` on `python -m service`.
+
+    Relative paths (`models_dir`, entries of `models`) resolve against the current working directory of the
+    server process, so `python -m service` run from the repository root serves `./checkpoints/`.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="VAE_", extra="forbid", validate_default=True)
+
+    # -- what to serve -----------------------------------------------------------------------------------------
+    models_dir: Path = Field(Path("checkpoints"), description="folder holding one checkpoint directory per model")
+    models: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        description="model names (sub-directories of models_dir) or checkpoint paths to serve; "
+        "default: every directory in models_dir that holds a model_card.json (env: comma-separated)",
+    )
+    default_model: str | None = Field("mnist", description="model used when a request names none")
+    # -- where and how it runs ---------------------------------------------------------------------------------
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="weights dtype on GPU only")
+    cpu_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    warmup: bool = Field(True, description="run one forward per model before reporting ready")
+    # -- batching and backpressure -----------------------------------------------------------------------------
+    batching: bool = Field(True, description="merge concurrent requests into one forward pass per model")
+    max_batch_size: int = Field(64, ge=1, description="most images in one forward pass")
+    max_wait_ms: float = Field(0.0, ge=0, description="extra wait for a batch to fill; 0: never wait when idle")
+    queue_size: int = Field(1024, ge=1, description="most images waiting per model; beyond it requests get 503")
+    request_timeout_s: float = Field(30.0, gt=0, description="a request not answered within this gets 504")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After header sent with 503 when overloaded")
+    # -- request limits ----------------------------------------------------------------------------------------
+    max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body")
+    max_images_per_request: int = Field(64, ge=1, description="most images or latents in one request")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest uploaded image (width * height)")
+    max_sample_n: int = Field(256, ge=1, description="most images one /v1/sample call returns")
+    max_score_k: int = Field(1000, ge=1, description="most importance samples per image in /v1/score")
+    max_interpolate_steps: int = Field(64, ge=2, description="most frames one /v1/interpolate call returns")
+    max_manifold_steps: int = Field(30, ge=2, description="largest side of the /v1/manifold grid")
+    gif_frame_ms: int = Field(100, ge=10, description="frame duration of animated GIFs")
+    # -- security ----------------------------------------------------------------------------------------------
+    api_key: SecretStr | None = Field(
+        None, description="when set, /v1 endpoints need `X-API-Key: <key>` or `Authorization: Bearer <key>`"
+    )
+    # -- server (used by `python -m service` only) -----------------------------------------------------------
+    host: str = Field("127.0.0.1", description="interface to bind")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    access_log: bool = Field(True, description="one log line per request")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()] or None
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+    @field_validator("api_key")
+    @classmethod
+    def _empty_key_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value() else None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, built once from the environment (tests pass Settings(...) to create_app instead)."""
+    return Settings()
