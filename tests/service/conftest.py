@@ -1,0 +1,76 @@
+"""Service fixtures: a models directory holding the tiny checkpoints, and the app served in-process (lifespan on)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from fastapi import FastAPI
+from service_helpers import serve
+
+from model import checkpoint
+from model.preprocess import input_spec
+from model.vae import VAE, VAEConfig
+from service.settings import Settings
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def make_ae_checkpoint(directory: Path) -> Path:
+    """A plain autoencoder (kind 'ae'), untrained: enough to check the VAE-only verbs refuse it."""
+    torch.manual_seed(0)
+    config = VAEConfig(input_shape=(1, 8, 8), latent_dim=2, hidden_dims=(16,), kind="ae")
+    card = {"name": "tiny-ae", "input": input_spec(config.input_shape, binarized=True)}
+    checkpoint.save(VAE(config), card, directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, tiny_gaussian_checkpoint: Path) -> Path:
+    """checkpoints/ with `tiny` (2-D Bernoulli MLP, 8x8 grey), `tiny-rgb` (conv Gaussian, 8x8 RGB, latent 3) and
+    `tiny-ae` (plain autoencoder)."""
+    root = tmp_path_factory.mktemp("models")
+    (root / "tiny").symlink_to(tiny_checkpoint, target_is_directory=True)
+    (root / "tiny-rgb").symlink_to(tiny_gaussian_checkpoint, target_is_directory=True)
+    make_ae_checkpoint(root / "tiny-ae")
+    (root / "not-a-checkpoint").mkdir()  # ignored: no model card
+    return root
+
+
+@pytest.fixture
+def settings_for(models_dir: Path):
+    def build(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {"models_dir": models_dir, "default_model": "tiny", "cpu_threads": 1}
+        return Settings(**{**values, **overrides})
+
+    return build
+
+
+@pytest.fixture
+async def served(settings_for) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    async with serve(settings_for()) as pair:
+        yield pair
+
+
+@pytest.fixture
+async def client(served: tuple[FastAPI, httpx.AsyncClient]) -> httpx.AsyncClient:
+    return served[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint: Path) -> VAE:
+    return checkpoint.load(tiny_checkpoint)[0]
+
+
+@pytest.fixture(scope="session")
+def rgb_model(tiny_gaussian_checkpoint: Path) -> VAE:
+    return checkpoint.load(tiny_gaussian_checkpoint)[0]
