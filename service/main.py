@@ -60,8 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             await registry.start()
         except StartupError as e:
-            startup["error"] = str(e)
-            logger.error("vae-serve cannot start: %s", e)
+            startup["error"] = str(e)  # the server logs it (see StartupMessage)
             raise
         try:
             yield

@@ -1,0 +1,183 @@
+"""A small httpx client for a running vae-serve server, with the same verbs as the API.
+
+    from service.client import VAEClient
+
+    with VAEClient("http://127.0.0.1:8000") as vae:
+        codes = vae.encode(["digit.png"], sample=True, seed=0)        # JSON: mu, logvar, z per image
+        png = vae.sample(16, seed=0, format="png")                     # bytes of a PNG grid
+        images = VAEClient.to_images(vae.decode([[0.0] * 10]))       # PIL images
+        scores = vae.score(["digit.png"], k=500)                        # ELBO and log p(x), nats and bits/dim
+
+Images can be paths, bytes (PNG/JPEG) or PIL images. JSON answers come back as dicts; `format="png"` / `"gif"`
+answers as bytes. Errors raise VAEServiceError with the server's status, code and detail. Imports httpx and (only
+for PIL inputs and `to_images`) Pillow; never torch.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+class VAEServiceError(Exception):
+    """A non-2xx answer: `status` (HTTP), `code` and `detail` (the server's error body)."""
+
+    def __init__(self, status: int, code: str, detail: str, retry_after: str | None = None) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status, self.code, self.detail, self.retry_after = status, code, detail, retry_after
+
+
+class VAEClient:
+    """Sync client. `model` sets a default model for every call (else the server's default); `http` lets you pass
+    a ready httpx.Client (e.g. with another transport)."""
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        http: httpx.Client | None = None,
+    ) -> None:
+        headers = {"X-API-Key": api_key} if api_key else {}
+        self.model = model
+        self._own = http is None
+        self.http = http or httpx.Client(base_url=base_url, timeout=timeout, headers=headers)
+        if http is not None and api_key:
+            self.http.headers.update(headers)
+
+    def __enter__(self) -> VAEClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._own:
+            self.http.close()
+
+    # -- plumbing ------------------------------------------------------------------------------------------------
+    def _check(self, response: httpx.Response) -> httpx.Response:
+        if response.is_success:
+            return response
+        try:
+            body = response.json()
+            code, detail = str(body.get("code", "http_error")), str(body.get("detail", response.text))
+        except ValueError:
+            code, detail = "http_error", response.text
+        raise VAEServiceError(response.status_code, code, detail, response.headers.get("retry-after"))
+
+    @staticmethod
+    def _answer(response: httpx.Response, fmt: str) -> Any:
+        return response.content if fmt in ("png", "gif") else response.json()
+
+    def _fields(self, **values: Any) -> dict[str, Any]:
+        if values.get("model") is None:
+            values["model"] = self.model
+        return {k: v for k, v in values.items() if v is not None}
+
+    @staticmethod
+    def _read(image: Any) -> bytes:
+        if isinstance(image, bytes):
+            return image
+        if isinstance(image, str | os.PathLike):
+            with open(image, "rb") as f:
+                return f.read()
+        buf = io.BytesIO()  # a PIL image
+        image.save(buf, format="PNG")
+        return buf.getvalue()
+
+    def _upload(self, path: str, images: Sequence[Any], fmt: str = "json", **fields: Any) -> Any:
+        files = [("image", (f"{i}.png", self._read(img), "application/octet-stream")) for i, img in enumerate(images)]
+        data = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in self._fields(**fields).items()}
+        params = {"format": fmt} if fmt != "json" else None
+        return self._answer(self._check(self.http.post(path, files=files, data=data, params=params)), fmt)
+
+    def _post_json(self, path: str, body: dict[str, Any], fmt: str = "json") -> Any:
+        params = {"format": fmt} if fmt != "json" else None
+        return self._answer(self._check(self.http.post(path, json=self._fields(**body), params=params)), fmt)
+
+    def _get(self, path: str, fmt: str = "json", **params: Any) -> Any:
+        query = self._fields(**params)
+        if fmt != "json":
+            query["format"] = fmt
+        return self._answer(self._check(self.http.get(path, params=query)), fmt)
+
+    # -- verbs ---------------------------------------------------------------------------------------------------
+    def health(self) -> bool:
+        return self.http.get("/healthz").is_success
+
+    def ready(self) -> bool:
+        return self.http.get("/readyz").is_success
+
+    def models(self) -> dict[str, Any]:
+        return dict(self._check(self.http.get("/v1/models")).json())
+
+    def model_card(self, name: str) -> dict[str, Any]:
+        return dict(self._check(self.http.get(f"/v1/models/{name}")).json())
+
+    def encode(self, images: Sequence[Any], *, sample: bool = False, seed: int | None = None,
+               model: str | None = None) -> dict[str, Any]:  # fmt: skip
+        """Posterior mean and log-variance per image (and a sample z when `sample`)."""
+        return dict(self._upload("/v1/encode", images, sample=sample, seed=seed, model=model))
+
+    def decode(self, latents: Sequence[Sequence[float]], *, format: str = "json", encoding: str = "png",
+               model: str | None = None) -> Any:  # fmt: skip
+        """Images of latent vectors: JSON (base64 PNGs or pixel arrays) or one PNG grid (format='png')."""
+        return self._post_json("/v1/decode", {"latents": [list(z) for z in latents], "encoding": encoding,
+                                              "model": model}, format)  # fmt: skip
+
+    def sample(self, n: int = 16, *, seed: int | None = None, temperature: float = 1.0, format: str = "json",
+               encoding: str = "png", model: str | None = None) -> Any:  # fmt: skip
+        """n images from the prior: JSON, or a PNG grid (format='png')."""
+        return self._get("/v1/sample", format, n=n, seed=seed, temperature=temperature, encoding=encoding,
+                         model=model)  # fmt: skip
+
+    def reconstruct(self, images: Sequence[Any], *, seed: int = 0, binarize: bool | None = None,
+                    format: str = "json", encoding: str = "png", model: str | None = None) -> Any:  # fmt: skip
+        """Reconstructions with each image's ELBO, reconstruction term and KL."""
+        return self._upload("/v1/reconstruct", images, format, seed=seed, binarize=binarize, encoding=encoding,
+                            model=model)  # fmt: skip
+
+    def score(self, images: Sequence[Any], *, k: int = 100, seed: int = 0, binarize: bool | None = None,
+              model: str | None = None) -> dict[str, Any]:  # fmt: skip
+        """ELBO and importance-weighted log-likelihood per image (nats and bits/dim)."""
+        return dict(self._upload("/v1/score", images, k=k, seed=seed, binarize=binarize, model=model))
+
+    def interpolate(self, start: Any, end: Any, *, steps: int = 8, path: str = "linear", format: str = "json",
+                    encoding: str = "png", model: str | None = None) -> Any:  # fmt: skip
+        """Frames between two images, or two latent vectors (sequences of floats): JSON, PNG strip or GIF."""
+        if _is_latent(start) and _is_latent(end):
+            body = {"latents": [list(start), list(end)], "steps": steps, "path": path, "encoding": encoding,
+                    "model": model}  # fmt: skip
+            return self._post_json("/v1/interpolate", body, format)
+        return self._upload("/v1/interpolate", [start, end], format, steps=steps, path=path, encoding=encoding,
+                            model=model)  # fmt: skip
+
+    def manifold(self, steps: int = 15, *, format: str = "json", encoding: str = "png",
+                 model: str | None = None) -> Any:  # fmt: skip
+        """The decoded grid over the model's 2-D latent plane."""
+        return self._get("/v1/manifold", format, steps=steps, encoding=encoding, model=model)
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def to_images(answer: dict[str, Any] | bytes) -> list[Image.Image]:
+        """The images of a JSON answer (its base64 PNGs), or the one image of a PNG/GIF answer."""
+        from PIL import Image
+
+        if isinstance(answer, bytes):
+            return [Image.open(io.BytesIO(answer))]
+        return [Image.open(io.BytesIO(base64.b64decode(s))) for s in answer.get("images", [])]
+
+
+def _is_latent(value: Any) -> bool:
+    return isinstance(value, list | tuple) and all(isinstance(v, int | float) for v in value)
