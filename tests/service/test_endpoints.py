@@ -325,9 +325,9 @@ async def test_index_serves_the_static_page_when_present(settings_for, monkeypat
     from service.routes import health
 
     async with serve(settings_for()) as (_, client):
+        monkeypatch.setattr(health, "STATIC_DIR", tmp_path)
         assert (await client.get("/")).json()["docs"] == "/docs"
         (tmp_path / "index.html").write_text("<h1>vae</h1>")
-        monkeypatch.setattr(health, "STATIC_DIR", tmp_path)
         page = await client.get("/")
         assert page.text == "<h1>vae</h1>" and page.headers["content-type"].startswith("text/html")
 
