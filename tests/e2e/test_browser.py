@@ -1,0 +1,305 @@
+"""The demo page at / in a real browser: Debian's Chromium, driven by Playwright for Python, against uvicorn on a
+free loopback port serving two tiny checkpoints behind an API key.
+
+Skips (with the reason) when Playwright or Chromium is missing: `.ci/browser.sh` installs both. Playwright's own
+browser downloads are never used; the system Chromium is the executable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = Path(os.environ.get("VAE_E2E_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+]  # fmt: skip
+API_KEY = "e2e-secret"
+KEY_STORAGE = "vae-serve.api-key"  # the page's sessionStorage key (service/static/app.js)
+REPO = Path(__file__).resolve().parents[2]
+
+# In-page helper: the pixel range of an <img> (by selector), read back through a canvas.
+PIXEL_RANGE = """(selector) => {
+  const img = document.querySelector(selector);
+  const canvas = document.createElement("canvas");
+  canvas.width = img.naturalWidth;
+  canvas.height = img.naturalHeight;
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(img, 0, 0);
+  const data = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+  let min = 255, max = 0;
+  for (let i = 0; i < data.length; i += 4) {
+    for (let c = 0; c < 3; c++) { min = Math.min(min, data[i + c]); max = Math.max(max, data[i + c]); }
+  }
+  return {width: canvas.width, height: canvas.height, min, max};
+}"""
+
+
+def _playwright() -> Any:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("Playwright for Python is not installed (pip install playwright, or run .ci/browser.sh)")
+    if not CHROMIUM.is_file() or not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium, or run .ci/browser.sh)")
+    return sync_playwright
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def sync_playwright() -> Any:
+    return _playwright()  # skips before any checkpoint is trained or server started
+
+
+@pytest.fixture(scope="module")
+def server(sync_playwright: Any, tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path,
+           tiny_gaussian_checkpoint: Path) -> Iterator[str]:  # fmt: skip
+    """uvicorn in a subprocess serving `tiny` (2-D latent, default) and `tiny-rgb` (latent 3) with an API key."""
+    root = tmp_path_factory.mktemp("browser")
+    models = root / "models"
+    shutil.copytree(tiny_checkpoint, models / "tiny")
+    shutil.copytree(tiny_gaussian_checkpoint, models / "tiny-rgb")
+    port = _free_port()
+    env = {
+        **os.environ,
+        "VAE_MODELS_DIR": str(models),
+        "VAE_DEFAULT_MODEL": "tiny",
+        "VAE_API_KEY": API_KEY,
+        "VAE_CPU_THREADS": "1",
+        "VAE_DEVICE": "cpu",
+    }
+    log_path = root / "server.log"
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", "service.main:create_app", "--host", "127.0.0.1",
+           "--port", str(port), "--log-level", "warning", "--no-access-log"]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited with {proc.returncode}:\n{log_path.read_text()}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server was not ready within 60 s:\n{log_path.read_text()}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def browser(sync_playwright: Any) -> Iterator[Any]:
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class Page:
+    """A fresh browser context on the page, with the console watched; `key` is pre-set in sessionStorage."""
+
+    def __init__(self, browser: Any, base: str, key: str | None = API_KEY) -> None:
+        self.context = browser.new_context(viewport={"width": 1280, "height": 900})
+        if key is not None:
+            self.context.add_init_script(f"sessionStorage.setItem({json.dumps(KEY_STORAGE)}, {json.dumps(key)})")
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(20_000)
+        self.console_errors: list[str] = []
+        self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
+        self.page.on("pageerror", lambda e: self.console_errors.append(f"uncaught: {e}"))
+        self.page.goto(base + "/")
+
+    def ready(self) -> Any:
+        """Wait until the models, the sample grid and the latent map have loaded."""
+        self.page.wait_for_selector("#model-card[data-model]")
+        self.page.wait_for_selector("#samples[data-state=done]")
+        self.page.wait_for_selector("#map[data-state=done]")
+        return self.page
+
+    def draw(self, selector: str, points: list[tuple[float, float]]) -> None:
+        """A mouse stroke through `points`, given as fractions of the element's box."""
+        box = self.page.locator(selector).bounding_box()
+        xy = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
+        self.page.mouse.move(*xy[0])
+        self.page.mouse.down()
+        for x, y in xy[1:]:
+            self.page.mouse.move(x, y, steps=4)
+        self.page.mouse.up()
+
+    def tiles(self, selector: str) -> list[str]:
+        return self.page.eval_on_selector_all(f"{selector} img", "imgs => imgs.map(i => i.src)")
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def ui(browser: Any, server: str) -> Iterator[Page]:
+    page = Page(browser, server)
+    yield page
+    page.close()
+
+
+SEVEN = [(0.25, 0.22), (0.75, 0.22), (0.6, 0.5), (0.45, 0.8)]
+
+
+def test_page_loads_draws_and_reconstructs(ui: Page, tmp_path: Path) -> None:
+    page = ui.ready()
+    assert "tiny" in page.text_content("#model-select")
+    assert page.text_content("#card-dataset").startswith("folder")
+    assert page.text_content("#card-latent") == "2"
+    assert "nats" in page.text_content("#card-nll")
+
+    ui.draw("#draw", SEVEN)
+    page.click("#reconstruct")
+    page.wait_for_selector("#analyze[data-state=done]")
+    recon = page.evaluate(PIXEL_RANGE, "#recon-img")
+    assert (recon["width"], recon["height"]) == (8, 8)  # the model's size
+    assert recon["max"] > 10 and recon["max"] > recon["min"], f"blank reconstruction: {recon}"
+    assert page.locator("#latent-chart .bar").count() == 2  # one bar per latent dimension
+    assert page.get_attribute("#reading", "data-reading") in ("typical", "somewhat", "unusual")
+    assert "nats" in page.text_content("#score-ll")
+    assert "test NLL" in page.text_content("#reading-tip")
+
+    page.screenshot(path=str(tmp_path / "demo-page.png"), full_page=True)
+    assert (tmp_path / "demo-page.png").stat().st_size > 10_000
+    assert ui.console_errors == []
+    assert page.is_hidden("#global-error") and page.is_hidden("#analyze-error")
+
+
+def test_sample_grid_follows_the_seed(ui: Page) -> None:
+    page = ui.ready()
+    assert page.get_attribute("#sample-grid", "data-seed") == "0"
+    first = ui.tiles("#sample-grid")
+    assert len(first) == 36
+
+    def load(seed: str) -> list[str]:
+        page.fill("#seed", seed)
+        page.press("#seed", "Enter")
+        page.wait_for_selector(f"#sample-grid[data-seed='{seed}']")
+        page.wait_for_selector("#samples[data-state=done]")
+        return ui.tiles("#sample-grid")
+
+    other = load("1")
+    assert other != first
+    assert load("0") == first  # same seed, same images
+
+    page.fill("#temperature", "0.5")  # a range input: fill sets the value and fires input/change
+    page.wait_for_selector("#samples[data-state=done]")
+    page.wait_for_function("document.querySelector('#samples-status').textContent.includes('0.50')")
+    assert ui.tiles("#sample-grid") != first
+
+    page.click("#new-samples")
+    page.wait_for_function("document.querySelector('#sample-grid').dataset.seed !== '0'")
+    assert ui.console_errors == []
+
+
+def test_picker_switches_models(ui: Page) -> None:
+    page = ui.ready()
+    assert page.input_value("#model-select") == "tiny"
+    assert "grayscale" in page.text_content("#card-input")
+    page.select_option("#model-select", "tiny-rgb")
+    page.wait_for_selector("#model-card[data-model=tiny-rgb]")
+    assert page.text_content("#card-latent") == "3"
+    assert "3 channels" in page.text_content("#card-input")
+    page.wait_for_function("document.querySelector('#sample-grid').getAttribute('aria-label').includes('tiny-rgb')")
+    page.wait_for_selector("#map[data-state=done]")
+    assert "principal" in page.text_content("#map-basis")  # latent 3: the card's principal directions
+
+    ui.draw("#draw", SEVEN)
+    page.click("#reconstruct")
+    page.wait_for_selector("#analyze[data-state=done]")
+    assert page.locator("#latent-chart .bar").count() == 3
+    assert ui.console_errors == []
+
+
+def test_map_click_decodes_that_point(ui: Page, server: str) -> None:
+    page = ui.ready()
+    steps = int(page.input_value("#map-steps"))
+    grid = httpx.get(f"{server}/v1/manifold", params={"model": "tiny", "steps": steps},
+                     headers={"X-API-Key": API_KEY}, timeout=30).json()  # fmt: skip
+    # A click lands on whole CSS pixels: allow a quarter of the distance between neighbouring tiles.
+    tolerance = 0.25 * 2 * min(grid["span"]) / (steps - 1)
+    near = "([z, tol]) => { const s = document.querySelector('#map-decoded').dataset.latent;" \
+           " return !!s && JSON.parse(s).every((v, i) => Math.abs(v - z[i]) < tol); }"  # fmt: skip
+    page.locator("#map-canvas").scroll_into_view_if_needed()
+    box = page.locator("#map-canvas").bounding_box()
+    for row, col in [(0, 0), (3, steps - 2), (steps - 1, 5)]:
+        # the centre of tile (row, col) is the grid's code number row * steps + col
+        page.mouse.click(box["x"] + (col + 0.5) * box["width"] / steps, box["y"] + (row + 0.5) * box["height"] / steps)
+        page.wait_for_function(near, arg=[grid["latents"][row * steps + col], tolerance])
+    assert page.evaluate(PIXEL_RANGE, "#map-decoded")["width"] == 8
+
+    page.focus("#map-canvas")  # keyboard: arrows move over the tiles and decode their exact codes
+    page.keyboard.press("ArrowRight")
+    page.wait_for_function(near, arg=[grid["latents"][(steps - 1) * steps + 6], 1e-4])
+    assert ui.console_errors == []
+
+
+def test_interpolation_strip(ui: Page) -> None:
+    page = ui.ready()
+    ui.draw("#draw", SEVEN)
+    page.click("#interp [data-pad=a] [data-action=copy]")
+    page.click("#interpolate")
+    assert "B" in page.text_content("#interp-status")  # asks for the missing image, sends nothing
+    ui.draw("#pad-b", [(0.2, 0.2), (0.8, 0.8)])
+    page.fill("#interp-steps", "6")
+    page.click("#interpolate")
+    page.wait_for_selector("#interp[data-state=done]")
+    assert len(ui.tiles("#interp-strip")) == 6
+    assert ui.console_errors == []
+
+
+def test_api_errors_are_shown(browser: Any, server: str) -> None:
+    ui = Page(browser, server, key=None)  # the server has a key; the page starts without one
+    page = ui.page
+    try:
+        page.wait_for_selector("#global-error:not([hidden])")
+        assert "needs an API key" in page.text_content("#global-error")
+        assert "401" in page.text_content("#global-error")
+
+        page.fill("#api-key", "wrong")
+        page.click("#api-key-apply")
+        page.wait_for_function("document.querySelector('#global-error').textContent.includes('wrong API key')")
+
+        page.fill("#api-key", API_KEY)
+        page.press("#api-key", "Enter")
+        ui.ready()
+        assert page.is_hidden("#global-error")
+
+        page.fill("#api-key", "wrong")  # not applied: but every call sends what the field holds
+        page.click("#new-samples")
+        page.wait_for_selector("#samples-error:not([hidden])")
+        assert "wrong API key" in page.text_content("#samples-error")
+        assert "GET /v1/sample" in page.text_content("#samples-error")
+    finally:
+        ui.close()
