@@ -55,14 +55,16 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 # -- common runtime layout: a non-root user (uid 10001, as deploy/k8s expects), the venv first on PATH, /app ---------
 FROM base AS app
-RUN useradd --system --uid 10001 --user-group --home-dir /app --no-create-home --shell /usr/sbin/nologin vae
+RUN groupadd --system --gid 10001 vae \
+    && useradd --system --uid 10001 --gid vae --home-dir /app --no-create-home --shell /usr/sbin/nologin vae
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app
 WORKDIR /app
 
 # -- train: `docker run ... vae-serve-train --dataset mnist --out /app/checkpoints/my-mnist` ------------------------
 FROM app AS train
-ENV VAE_DATA_ROOT=/data
+ENV VAE_DATA_ROOT=/data \
+    MPLCONFIGDIR=/tmp/matplotlib
 COPY --from=train-builder /opt/venv /opt/venv
 COPY model ./model
 RUN install -d -o vae -g vae /app/checkpoints /data
