@@ -169,6 +169,13 @@
     }
   }
 
+  // False, with a word in the section, while no model is loaded (e.g. the API key is missing).
+  function connected(section) {
+    if (state.model) return true;
+    setStatus(section, "No model loaded: connect to the server first (see the message at the top).");
+    return false;
+  }
+
   function isVae() {
     return state.model && state.model.kind === "vae";
   }
@@ -400,7 +407,7 @@
   }
 
   async function analyze() {
-    if (!state.model) return;
+    if (!connected("analyze")) return;
     const check = ticket("analyze");
     const model = state.model.name;
     const started = performance.now();
@@ -536,7 +543,7 @@
   }
 
   async function useSample() {
-    if (!state.model) return;
+    if (!connected("analyze")) return;
     const check = ticket("analyze");
     showError("analyze", null);
     try {
@@ -591,7 +598,7 @@
   }
 
   async function loadSamples() {
-    if (!state.model) return;
+    if (!connected("samples")) return;
     const check = ticket("samples");
     if (!isVae()) {
       setStatus("samples", "A plain autoencoder has no prior to sample from.");
@@ -765,7 +772,7 @@
 
   // -- interpolation ------------------------------------------------------------------------------------------------
   async function interpolate() {
-    if (!state.model) return;
+    if (!connected("interp")) return;
     const check = ticket("interp");
     showError("interp", null);
     if (!pads.a.inked || !pads.b.inked) {
