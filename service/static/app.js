@@ -577,12 +577,30 @@
         button.className = "tile";
         button.title = "Use this sample as the drawing";
         button.append(img);
+        button.tabIndex = i === 0 ? 0 : -1; // one tab stop for the grid; arrow keys move inside it
         button.addEventListener("click", () => onPick(b64));
         container.append(button);
       } else {
         img.className = "tile";
         container.append(img);
       }
+    });
+  }
+
+  // Arrow keys (and Home / End) move the focus over a grid of tile buttons, `columns` wide (roving tabindex).
+  function tileKeys(container, columns) {
+    container.addEventListener("keydown", (e) => {
+      const tiles = [...container.querySelectorAll("button.tile")];
+      const i = tiles.indexOf(document.activeElement);
+      if (i < 0) return;
+      const moves = { ArrowLeft: -1, ArrowRight: 1, ArrowUp: -columns, ArrowDown: columns, Home: -i, End: tiles.length - 1 - i };
+      if (!(e.key in moves)) return;
+      e.preventDefault();
+      const next = tiles[Math.min(tiles.length - 1, Math.max(0, i + moves[e.key]))];
+      tiles.forEach((t) => {
+        t.tabIndex = t === next ? 0 : -1;
+      });
+      next.focus();
     });
   }
 
@@ -648,12 +666,20 @@
       $("#map-basis").textContent =
         data.basis === "prior"
           ? `The prior's plane: z₁ left to right, z₂ bottom to top, each from ${fmt(-data.span[0])} to ${fmt(data.span[0])} (the prior's central 90 %).`
-          : `The plane of the two main directions of the training codes (principal components from the card's latent_stats), ±${fmt(1.645, 3)} standard deviations along each.`;
+          : `The plane of the two main directions of the training codes (principal components from the card's latent_stats)${spanInStddevs(data)}.`;
       drawMapOverlay();
       done("map", started, `${steps} × ${steps} points decoded`);
     } catch (err) {
       if (check()) failed("map", err);
     }
+  }
+
+  // ", ±1.645 standard deviations along each" when the card has the principal stddevs the span was made from.
+  function spanInStddevs(data) {
+    const stats = (state.model.card && state.model.card.latent_stats) || {};
+    const sd = stats.principal_stddevs;
+    if (!Array.isArray(sd) || sd.length < 2 || !(sd[0] > 0)) return "";
+    return `, ±${fmt(data.span[0] / sd[0], 3)} standard deviations along each`;
   }
 
   function base64Blob(b64) {
@@ -875,6 +901,7 @@
       loadSamples();
     });
 
+    tileKeys($("#sample-grid"), Math.round(Math.sqrt(SAMPLE_N)));
     $("#map-canvas").addEventListener("click", onMapClick);
     $("#map-canvas").addEventListener("keydown", onMapKey);
     $("#map-steps").addEventListener("change", loadManifold);

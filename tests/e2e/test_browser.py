@@ -220,6 +220,13 @@ def test_sample_grid_follows_the_seed(ui: Page) -> None:
 
     page.click("#new-samples")
     page.wait_for_function("document.querySelector('#sample-grid').dataset.seed !== '0'")
+
+    page.focus("#sample-grid button.tile")  # keyboard: one tab stop, arrows move, Enter puts the sample on the canvas
+    page.keyboard.press("ArrowDown")
+    assert page.evaluate("[...document.querySelectorAll('#sample-grid button')].indexOf(document.activeElement)") == 6
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#analyze[data-state=done]")
+    assert page.evaluate(PIXEL_RANGE, "#recon-img")["width"] == 8
     assert ui.console_errors == []
 
 
