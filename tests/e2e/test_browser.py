@@ -32,6 +32,16 @@ API_KEY = "e2e-secret"
 KEY_STORAGE = "vae-serve.api-key"  # the page's sessionStorage key (service/static/app.js)
 REPO = Path(__file__).resolve().parents[2]
 
+# Skip the whole module (before any checkpoint is trained or server started) when the browser stack is missing.
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:
+    pytest.skip("Playwright for Python is not installed (pip install playwright, or run .ci/browser.sh)",
+                allow_module_level=True)  # fmt: skip
+if not CHROMIUM.is_file() or not os.access(CHROMIUM, os.X_OK):
+    pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium, or run .ci/browser.sh)",
+                allow_module_level=True)  # fmt: skip
+
 # In-page helper: the pixel range of an <img> (by selector), read back through a canvas.
 PIXEL_RANGE = """(selector) => {
   const img = document.querySelector(selector);
@@ -49,16 +59,6 @@ PIXEL_RANGE = """(selector) => {
 }"""
 
 
-def _playwright() -> Any:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("Playwright for Python is not installed (pip install playwright, or run .ci/browser.sh)")
-    if not CHROMIUM.is_file() or not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium, or run .ci/browser.sh)")
-    return sync_playwright
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -66,12 +66,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def sync_playwright() -> Any:
-    return _playwright()  # skips before any checkpoint is trained or server started
-
-
-@pytest.fixture(scope="module")
-def server(sync_playwright: Any, tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path,
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path,
            tiny_gaussian_checkpoint: Path) -> Iterator[str]:  # fmt: skip
     """uvicorn in a subprocess serving `tiny` (2-D latent, default) and `tiny-rgb` (latent 3) with an API key."""
     root = tmp_path_factory.mktemp("browser")
@@ -117,7 +112,7 @@ def server(sync_playwright: Any, tmp_path_factory: pytest.TempPathFactory, tiny_
 
 
 @pytest.fixture(scope="module")
-def browser(sync_playwright: Any) -> Iterator[Any]:
+def browser() -> Iterator[Any]:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield browser
