@@ -1,53 +1,45 @@
-"""Annotated dependency aliases over app.state, and the API-key check."""
+"""Access to app.state for the routes: Annotated dependency aliases, and plain accessors for the hot path.
+
+The model verbs (routes/vae.py) call `registry(request)` / `settings(request)` directly: every FastAPI dependency
+is one more resolution step per request, and those routes are the ones measured by requests/s. The API key is
+checked before routing, by service.security.APIKeyMiddleware.
+"""
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
-from fastapi import Depends, Request, Security
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends, Request
 
-from service.errors import Unauthorized
 from service.metrics import Metrics
 from service.registry import ModelRegistry
 from service.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+def settings(request: Request) -> Settings:
+    value: Settings = request.app.state.settings
+    return value
 
 
-def get_registry(request: Request) -> ModelRegistry:
-    registry: ModelRegistry = request.app.state.registry
-    return registry
+def registry(request: Request) -> ModelRegistry:
+    value: ModelRegistry = request.app.state.registry
+    return value
 
 
-def get_metrics(request: Request) -> Metrics:
-    metrics: Metrics = request.app.state.metrics
-    return metrics
+async def get_settings(request: Request) -> Settings:
+    return settings(request)
 
 
+async def get_registry(request: Request) -> ModelRegistry:
+    return registry(request)
+
+
+async def get_metrics(request: Request) -> Metrics:
+    value: Metrics = request.app.state.metrics
+    return value
+
+
+# `async def` on purpose: FastAPI runs plain `def` dependencies in a thread pool, a thread hop per request.
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-
-_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the server's API key")
-_bearer = HTTPBearer(auto_error=False, description="the server's API key as a bearer token")
-
-
-def require_api_key(
-    settings: SettingsDep,
-    header_key: Annotated[str | None, Security(_api_key_header)],
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-) -> None:
-    """When an API key is configured, accept it from `X-API-Key` or `Authorization: Bearer`; else raise 401."""
-    if settings.api_key is None:
-        return
-    given = header_key or (bearer.credentials if bearer is not None else None)
-    if given is None:
-        raise Unauthorized("this server needs an API key: send X-API-Key or Authorization: Bearer",
-                           headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
-    if not hmac.compare_digest(given.encode(), settings.api_key.get_secret_value().encode()):
-        raise Unauthorized("wrong API key", headers={"WWW-Authenticate": "Bearer"})

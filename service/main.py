@@ -6,16 +6,16 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
-from service.deps import require_api_key
 from service.errors import StartupError, install_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.registry import ModelRegistry
 from service.routes import health, models, vae
+from service.security import APIKeyMiddleware, with_security_schemes
 from service.settings import Settings, get_settings
 
 logger = logging.getLogger("vae_serve")
@@ -79,11 +79,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     install_handlers(app)
     app.include_router(health.router)
-    protected = [Depends(require_api_key)]
-    app.include_router(models.router, dependencies=protected)
-    app.include_router(vae.router, dependencies=protected)
+    app.include_router(models.router)
+    app.include_router(vae.router)
     if health.STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=health.STATIC_DIR), name="static")
+    if settings.api_key is not None:
+        app.add_middleware(APIKeyMiddleware, key=settings.api_key.get_secret_value())
+        app.openapi = with_security_schemes(app.openapi)  # type: ignore[method-assign]
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(StartupMessage, holder=startup)
     return app

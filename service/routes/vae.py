@@ -8,8 +8,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 
-from service import media
-from service.deps import RegistryDep, SettingsDep
+from service import deps, media
 from service.errors import InvalidInput
 from service.routes.payloads import (
     ERRORS,
@@ -60,8 +59,9 @@ EncodingQuery = Annotated[
 
 
 @router.post("/encode", response_model=EncodeResponse, responses=ERRORS, openapi_extra=images_body(EncodeRequest))
-async def encode_images(request: Request, registry: RegistryDep, settings: SettingsDep) -> Response:
+async def encode_images(request: Request) -> Response:
     """Encode images to the posterior q(z|x): mean and log-variance, and a seeded sample z on request."""
+    settings, registry = deps.settings(request), deps.registry(request)
     req, uploads = await read_images_request(request, EncodeRequest, settings)
     served = registry.get(req.model)
     p = served.predictor
@@ -84,10 +84,9 @@ async def encode_images(request: Request, registry: RegistryDep, settings: Setti
     responses=image_responses(DecodeResponse, "image/png"),
     openapi_extra=json_body(DecodeRequest),
 )
-async def decode_latents(
-    request: Request, registry: RegistryDep, settings: SettingsDep, format: FormatQuery = None
-) -> Response:
+async def decode_latents(request: Request, format: FormatQuery = None) -> Response:
     """Decode latent vectors to images (the decoder's mean: probabilities for Bernoulli models, never logits)."""
+    settings, registry = deps.settings(request), deps.registry(request)
     fmt = negotiate(request, format, ("json", "png"))
     req = await read_json(request, DecodeRequest, settings)
     served = registry.get(req.model)
@@ -104,8 +103,6 @@ async def decode_latents(
 @router.get("/sample", response_model=SampleResponse, responses=image_responses(SampleResponse, "image/png"))
 async def sample_images(
     request: Request,
-    registry: RegistryDep,
-    settings: SettingsDep,
     n: Annotated[int, Query(ge=1, description="images to draw (capped by max_sample_n)")] = 16,
     seed: Annotated[Seed | None, Query(description="same seed, same images (default: a fresh one)")] = None,
     temperature: Annotated[
@@ -116,6 +113,7 @@ async def sample_images(
     format: FormatQuery = None,
 ) -> Response:
     """Draw images from the prior: z ~ N(0, temperature^2 I), decoded. A PNG grid or JSON."""
+    settings, registry = deps.settings(request), deps.registry(request)
     fmt = negotiate(request, format, ("json", "png"))
     served = registry.get(model)
     p = served.predictor
@@ -138,10 +136,9 @@ async def sample_images(
     responses=image_responses(ReconstructResponse, "image/png"),
     openapi_extra=images_body(ReconstructRequest),
 )
-async def reconstruct_images(
-    request: Request, registry: RegistryDep, settings: SettingsDep, format: FormatQuery = None
-) -> Response:
+async def reconstruct_images(request: Request, format: FormatQuery = None) -> Response:
     """Reconstruct images through the posterior mean, with each image's ELBO, reconstruction term and KL."""
+    settings, registry = deps.settings(request), deps.registry(request)
     fmt = negotiate(request, format, ("json", "png"))
     req, uploads = await read_images_request(request, ReconstructRequest, settings)
     served = registry.get(req.model)
@@ -164,8 +161,9 @@ async def reconstruct_images(
 
 
 @router.post("/score", response_model=ScoreResponse, responses=ERRORS, openapi_extra=images_body(ScoreRequest))
-async def score_images(request: Request, registry: RegistryDep, settings: SettingsDep) -> Response:
+async def score_images(request: Request) -> Response:
     """Score images: ELBO and importance-weighted log-likelihood (nats, bits/dim); low scores flag anomalies."""
+    settings, registry = deps.settings(request), deps.registry(request)
     req, uploads = await read_images_request(request, ScoreRequest, settings)
     served = registry.get(req.model)
     p = served.predictor
@@ -199,10 +197,9 @@ async def score_images(request: Request, registry: RegistryDep, settings: Settin
     responses=image_responses(InterpolateResponse, "image/png", "image/gif"),
     openapi_extra=images_body(InterpolateRequest),
 )
-async def interpolate(
-    request: Request, registry: RegistryDep, settings: SettingsDep, format: FormatQuery = None
-) -> Response:
+async def interpolate(request: Request, format: FormatQuery = None) -> Response:
     """Frames between two images (their posterior means) or two latents, along a line or a great circle."""
+    settings, registry = deps.settings(request), deps.registry(request)
     fmt = negotiate(request, format, ("json", "png", "gif"))
     req, uploads = await read_images_request(request, InterpolateRequest, settings)
     served = registry.get(req.model)
@@ -232,8 +229,6 @@ async def interpolate(
 @router.get("/manifold", response_model=ManifoldResponse, responses=image_responses(ManifoldResponse, "image/png"))
 async def latent_manifold(
     request: Request,
-    registry: RegistryDep,
-    settings: SettingsDep,
     steps: Annotated[int, Query(ge=2, description="grid side (capped by max_manifold_steps)")] = 15,
     model: ModelQuery = None,
     encoding: EncodingQuery = "png",
@@ -241,6 +236,7 @@ async def latent_manifold(
 ) -> Response:
     """The decoded steps x steps grid over a 2-D latent plane (paper Fig. 4): the prior's plane for 2-D models,
     else the two leading principal directions of the training codes recorded in the card."""
+    settings, registry = deps.settings(request), deps.registry(request)
     fmt = negotiate(request, format, ("json", "png"))
     served = registry.get(model)
     p = served.predictor

@@ -244,8 +244,12 @@ async def test_api_key(settings_for) -> None:
         assert (await client.get("/v1/models", headers={"X-API-Key": "s3cret"})).status_code == 200
         r = await client.post("/v1/decode", json={"latents": [[0, 0]]}, headers={"Authorization": "Bearer s3cret"})
         assert r.status_code == 200
-        for open_path in ("/healthz", "/readyz", "/metrics"):
+        for open_path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
             assert (await client.get(open_path)).status_code == 200
+        schema = (await client.get("/openapi.json")).json()
+        assert set(schema["components"]["securitySchemes"]) == {"APIKeyHeader", "HTTPBearer"}
+        assert schema["paths"]["/v1/encode"]["post"]["security"] == [{"APIKeyHeader": []}, {"HTTPBearer": []}]
+        assert "security" not in schema["paths"]["/healthz"]["get"]
 
 
 async def test_an_unexpected_failure_is_a_generic_500(served, monkeypatch) -> None:
