@@ -111,11 +111,53 @@ container_check() {
   [ -z "$tmp" ] || rm -rf "$tmp"
   return $rc
 }
+scale_check() {  # the scale profile's proxy for real: two replicas of the image behind deploy/nginx.conf
+  local dir rc=0 p seen code
+  dir=$(mktemp -d)
+  export CONTAINERS_CONF=${CONTAINER_CHECK_STATE:-/var/tmp/container-check}/containers.conf
+  for p in 18091 18092; do
+    podman rm -f "deploy-check-replica-$p" >/dev/null 2>&1 || true
+    podman run -d --name "deploy-check-replica-$p" --network=host -e VAE_PORT=$p -e VAE_CPU_THREADS=1 \
+      --read-only --tmpfs /tmp vae-serve:check >/dev/null 2>&1 || rc=1
+  done
+  for p in 18091 18092; do
+    for _ in $(seq 1 120); do curl -fs -o /dev/null "http://127.0.0.1:$p/readyz" && break; sleep 0.5; done
+  done
+  sed -e 's/server api-replica:8000 \(.*\);/server 127.0.0.1:18091 \1;\n    server 127.0.0.1:18092 \1;/' \
+    -e 's/listen 8080;/listen 18090;/' deploy/nginx.conf >"$dir/vae.conf"
+  printf 'pid %s/nginx.pid;\nerror_log %s/error.log;\nevents {}\nhttp {\n  access_log off;\n  include %s/vae.conf;\n}\n' \
+    "$dir" "$dir" "$dir" >"$dir/nginx.conf"
+  if [ $rc = 0 ] && nginx -p "$dir" -c "$dir/nginx.conf"; then
+    seen=$(for _ in 1 2 3 4; do curl -fsi http://127.0.0.1:18090/readyz | tr -d '\r' | sed -n 's/^X-Upstream: //ip'; done | sort -u | tr '\n' ' ')
+    say "nginx -> replicas: /readyz answered by: $seen"
+    [ "$seen" = "127.0.0.1:18091 127.0.0.1:18092 " ] || rc=1
+    podman stop -t 10 deploy-check-replica-18091 >/dev/null 2>&1
+    for _ in 1 2 3; do
+      code=$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:18090/v1/models)
+      [ "$code" = 200 ] || { say "with one replica stopped, GET /v1/models -> $code"; rc=1; }
+    done
+    [ $rc != 0 ] || say "nginx -> replicas: one replica stopped, GET /v1/models still 200"
+    kill "$(cat "$dir/nginx.pid")"
+  else
+    rc=1
+  fi
+  podman rm -f deploy-check-replica-18091 deploy-check-replica-18092 >/dev/null 2>&1 || true
+  rm -rf "$dir"
+  return $rc
+}
+
 if [ "${DEPLOY_CHECK_CONTAINER:-1}" = 0 ]; then
   say "SKIP container build: DEPLOY_CHECK_CONTAINER=0"
 elif [ -x "$CONTAINER_CHECK" ]; then
   CONTAINER_CHECK=$(realpath "$CONTAINER_CHECK")
   step "container-check: build, start, probe, SIGTERM; compose up" container_check
+  if [ ${#failed[@]} -gt 0 ]; then
+    say "SKIP scale-out check: an earlier check failed"
+  elif command -v nginx >/dev/null; then
+    step "scale-out: 2 replicas behind deploy/nginx.conf, balancing and failover" scale_check
+  else
+    say "SKIP scale-out check: no nginx on this machine (apt-get install nginx-light)"
+  fi
 else
   say "SKIP container build: $CONTAINER_CHECK not found (no container tool on this machine); static checks only"
 fi
