@@ -31,6 +31,9 @@ CHROMIUM_ARGS = [
 API_KEY = "e2e-secret"
 KEY_STORAGE = "vae-serve.api-key"  # the page's sessionStorage key (service/static/app.js)
 REPO = Path(__file__).resolve().parents[2]
+# Generous: CI machines share their cores with training runs. On an idle machine the whole file takes ~30 s.
+READY_TIMEOUT_S = 180
+ACTION_TIMEOUT_MS = 60_000
 
 # Skip the whole module (before any checkpoint is trained or server started) when the browser stack is missing.
 try:
@@ -89,7 +92,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path,
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"the server exited with {proc.returncode}:\n{log_path.read_text()}")
@@ -99,7 +102,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path,
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"the server was not ready within 60 s:\n{log_path.read_text()}")
+                pytest.fail(f"the server was not ready within {READY_TIMEOUT_S} s:\n{log_path.read_text()}")
             time.sleep(0.2)
         yield base
     finally:
@@ -127,7 +130,7 @@ class Page:
         if key is not None:
             self.context.add_init_script(f"sessionStorage.setItem({json.dumps(KEY_STORAGE)}, {json.dumps(key)})")
         self.page = self.context.new_page()
-        self.page.set_default_timeout(20_000)
+        self.page.set_default_timeout(ACTION_TIMEOUT_MS)
         self.console_errors: list[str] = []
         self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
         self.page.on("pageerror", lambda e: self.console_errors.append(f"uncaught: {e}"))
