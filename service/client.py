@@ -96,21 +96,21 @@ class VAEClient:
         image.save(buf, format="PNG")
         return buf.getvalue()
 
-    def _upload(self, path: str, images: Sequence[Any], fmt: str = "json", **fields: Any) -> Any:
+    def _upload(self, endpoint: str, images: Sequence[Any], fmt: str = "json", **fields: Any) -> Any:
         files = [("image", (f"{i}.png", self._read(img), "application/octet-stream")) for i, img in enumerate(images)]
         data = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in self._fields(**fields).items()}
         params = {"format": fmt} if fmt != "json" else None
-        return self._answer(self._check(self.http.post(path, files=files, data=data, params=params)), fmt)
+        return self._answer(self._check(self.http.post(endpoint, files=files, data=data, params=params)), fmt)
 
-    def _post_json(self, path: str, body: dict[str, Any], fmt: str = "json") -> Any:
+    def _post_json(self, endpoint: str, body: dict[str, Any], fmt: str = "json") -> Any:
         params = {"format": fmt} if fmt != "json" else None
-        return self._answer(self._check(self.http.post(path, json=self._fields(**body), params=params)), fmt)
+        return self._answer(self._check(self.http.post(endpoint, json=self._fields(**body), params=params)), fmt)
 
-    def _get(self, path: str, fmt: str = "json", **params: Any) -> Any:
+    def _get(self, endpoint: str, fmt: str = "json", **params: Any) -> Any:
         query = self._fields(**params)
         if fmt != "json":
             query["format"] = fmt
-        return self._answer(self._check(self.http.get(path, params=query)), fmt)
+        return self._answer(self._check(self.http.get(endpoint, params=query)), fmt)
 
     # -- verbs ---------------------------------------------------------------------------------------------------
     def health(self) -> bool:

@@ -42,9 +42,8 @@ class _ImagesIn(_Request):
     pixels: list[PixelArray] | None = Field(None, description=_PIXELS)
 
 
-class _ImagesOut(BaseModel):
-    images: list[str] | None = Field(None, description="base64 PNGs (encoding=png)")
-    pixels: list[list[list[list[float]]]] | None = Field(None, description="(C, H, W) arrays (encoding=pixels)")
+ImagesOut = Annotated[list[str] | None, Field(description="base64 PNGs (encoding=png)")]
+PixelsOut = Annotated[list[list[list[list[float]]]] | None, Field(description="(C, H, W) arrays (encoding=pixels)")]
 
 
 # -- models -------------------------------------------------------------------------------------------------------
@@ -103,16 +102,20 @@ class DecodeRequest(_Request):
     model_config = ConfigDict(json_schema_extra={"examples": [{"latents": [[0.0, 0.0], [1.0, -0.5]]}]})
 
 
-class DecodeResponse(_ImagesOut):
+class DecodeResponse(BaseModel):
     model: str
+    images: ImagesOut = None
+    pixels: PixelsOut = None
 
 
 # -- sample -------------------------------------------------------------------------------------------------------
-class SampleResponse(_ImagesOut):
+class SampleResponse(BaseModel):
     model: str
     seed: int
     temperature: float
     latents: list[list[float]] = Field(description="the prior draws z (already scaled by the temperature)")
+    images: ImagesOut = None
+    pixels: PixelsOut = None
 
 
 # -- reconstruct ----------------------------------------------------------------------------------------------------
@@ -135,11 +138,13 @@ class ElboTerms(BaseModel):
     elbo_bits_per_dim: float = Field(description="-ELBO in bits per dimension")
 
 
-class ReconstructResponse(_ImagesOut):
+class ReconstructResponse(BaseModel):
     model: str
     seed: int
     binarized: bool = Field(description="whether the inputs were binarised before encoding")
     results: list[ElboTerms]
+    images: ImagesOut = None
+    pixels: PixelsOut = None
 
 
 # -- score --------------------------------------------------------------------------------------------------------
@@ -182,14 +187,16 @@ class InterpolateRequest(_ImagesIn):
     )
 
 
-class InterpolateResponse(_ImagesOut):
+class InterpolateResponse(BaseModel):
     model: str
     path: str
     latents: list[list[float]] = Field(description="the codes decoded, one per frame")
+    images: ImagesOut = None
+    pixels: PixelsOut = None
 
 
 # -- manifold -------------------------------------------------------------------------------------------------------
-class ManifoldResponse(_ImagesOut):
+class ManifoldResponse(BaseModel):
     model: str
     steps: int
     basis: Literal["prior", "principal_directions"]
@@ -197,6 +204,8 @@ class ManifoldResponse(_ImagesOut):
     directions: list[list[float]]
     span: list[float] = Field(description="half-width of the grid along each direction")
     latents: list[list[float]] = Field(description="the steps x steps codes, row-major")
+    images: ImagesOut = None
+    pixels: PixelsOut = None
 
 
 # -- health -------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from service.settings import Settings
 torch.set_num_threads(1)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"
 
@@ -46,24 +46,29 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, 
     return root
 
 
-@pytest.fixture
-def settings_for(models_dir: Path):
-    def build(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {"models_dir": models_dir, "default_model": "tiny", "cpu_threads": 1}
-        return Settings(**{**values, **overrides})
+def build_settings(root: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"models_dir": root, "default_model": "tiny", "cpu_threads": 1}
+    return Settings(**{**values, **overrides})
 
-    return build
+
+@pytest.fixture(scope="session")
+def settings_for(models_dir: Path):
+    """Settings over the tiny models dir; overrides as keyword arguments."""
+    return lambda **overrides: build_settings(models_dir, **overrides)
 
 
 @pytest.fixture
 async def served(settings_for) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """A fresh app of its own, for tests that patch it or count its metrics."""
     async with serve(settings_for()) as pair:
         yield pair
 
 
-@pytest.fixture
-async def client(served: tuple[FastAPI, httpx.AsyncClient]) -> httpx.AsyncClient:
-    return served[1]
+@pytest.fixture(scope="module")
+async def client(settings_for) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of one app shared by a test module (read-only use: no patching, no metric counts)."""
+    async with serve(settings_for()) as (_, shared):
+        yield shared
 
 
 @pytest.fixture(scope="session")

@@ -294,7 +294,8 @@ async def test_models_list_and_card(client, tiny_checkpoint: Path) -> None:
     assert (await client.get("/v1/models/tiny-ae")).json()["kind"] == "ae"
 
 
-async def test_health_ready_metrics(client) -> None:
+async def test_health_ready_metrics(served) -> None:
+    _, client = served
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     ready = await client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["models"] == ["tiny", "tiny-ae", "tiny-rgb"]
