@@ -368,7 +368,8 @@
         ? "not evaluated"
         : `${fmt(nll)} nats` + (bpd !== null ? ` · ${fmt(bpd, 3)} bits/dim` : "") + (metrics.nll_k ? ` (k = ${metrics.nll_k})` : ""),
     );
-    set("#card-decoder", m.likelihood === "bernoulli" ? "Bernoulli (binary pixels)" : `${m.likelihood}`);
+    const decoders = { bernoulli: "Bernoulli (binary pixels)", gaussian: "Gaussian (continuous pixels)" };
+    set("#card-decoder", decoders[m.likelihood] || m.likelihood);
     const [c, h, w] = m.input_shape;
     set("#card-input", `${w}×${h}, ${c === 1 ? "grayscale" : `${c} channels`}`);
     $("#model-card").dataset.model = m.name;
@@ -658,6 +659,7 @@
       const canvas = $("#map-canvas");
       canvas.width = steps * w;
       canvas.height = steps * h;
+      canvas.parentElement.style.aspectRatio = `${canvas.width} / ${canvas.height}`; // non-square inputs
       const ctx = canvas.getContext("2d");
       tiles.forEach((tile, k) => ctx.drawImage(tile, (k % steps) * w, Math.floor(k / steps) * h, w, h));
       state.manifold = { ...data, tileW: w, tileH: h };
