@@ -10,6 +10,7 @@
   // The "typical / unusual" reading: -log p(x) against the card's test NLL (an average over the test set).
   const TYPICAL_RATIO = 0.25; // up to 25 % more nats than the test average: typical
   const UNUSUAL_RATIO = 0.5; // more than 50 % more: unusual; in between: somewhat unusual
+  const MAP_HINT = "Each tile decodes one point of a 2-D plane in latent space.";
 
   const state = {
     models: [],
@@ -392,7 +393,14 @@
     $("#latent-chart").setAttribute("aria-label", "Latent code (not computed yet)");
     renderScore(null);
     $("#map-overlay").replaceChildren();
+    delete $("#map-overlay").dataset.point;
+    const map = $("#map-canvas"); // no stale map from the previous model, even when this one has none
+    map.width = 1;
+    map.height = 1;
+    map.parentElement.style.aspectRatio = "";
+    $("#map-basis").textContent = MAP_HINT;
     $("#map-point").textContent = "Click the map";
+    delete $("#map").dataset.decoded;
     const vae = isVae();
     $("#new-samples").disabled = state.model ? !vae : false;
     $("#use-sample").disabled = state.model ? !vae : false;
