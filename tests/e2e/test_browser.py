@@ -7,6 +7,7 @@ browser downloads are never used; the system Chromium is the executable.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 pytestmark = pytest.mark.e2e
 
@@ -281,6 +283,22 @@ def test_interpolation_strip(ui: Page) -> None:
     page.click("#interpolate")
     page.wait_for_selector("#interp[data-state=done]")
     assert len(ui.tiles("#interp-strip")) == 6
+    assert ui.console_errors == []
+
+
+def test_upload(ui: Page) -> None:
+    page = ui.ready()
+    image = Image.new("L", (8, 8))
+    image.paste(200, (2, 1, 6, 5))  # a bright square on black, like the tiny models' training images
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    page.set_input_files("#upload", files=[{"name": "square.png", "mimeType": "image/png", "buffer": buf.getvalue()}])
+    page.wait_for_selector("#analyze[data-state=done]")  # an upload is analysed straight away
+    assert page.evaluate(PIXEL_RANGE, "#recon-img")["max"] > 10
+
+    page.set_input_files("#upload", files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"not a png"}])
+    page.wait_for_selector("#analyze-error:not([hidden])")
+    assert "cannot read notes.png as an image" in page.text_content("#analyze-error")
     assert ui.console_errors == []
 
 
