@@ -24,6 +24,7 @@ from service.errors import ClientDisconnected, InferenceTimeout, ModelNotReady, 
 logger = logging.getLogger("vae_serve")
 
 Tensors = dict[str, torch.Tensor]
+WATCH_AFTER_S = 0.05  # a request waiting longer than this starts watching for its client's disconnect
 Forward = Callable[[str, Tensors, Any], Tensors]
 
 
@@ -137,10 +138,18 @@ class MicroBatcher:
     async def _wait(self, items: list[Item], timeout: float, cancel_on: Callable[[], Awaitable[Any]] | None) -> Tensors:
         futures = [item.future for item in items]
         joined: asyncio.Future[Any] = futures[0] if len(futures) == 1 else asyncio.gather(*futures)
-        watcher = asyncio.ensure_future(cancel_on()) if cancel_on is not None else None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        watcher: asyncio.Future[Any] | None = None
         try:
-            waiting: set[asyncio.Future[Any]] = {joined} if watcher is None else {joined, watcher}
-            done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            # Most requests are answered within a forward pass or two: only those still waiting after
+            # WATCH_AFTER_S get a task watching for the client going away.
+            first_wait = timeout if cancel_on is None else min(timeout, WATCH_AFTER_S)
+            done, _ = await asyncio.wait({joined}, timeout=first_wait)
+            if not done and cancel_on is not None and loop.time() < deadline:
+                watcher = asyncio.ensure_future(cancel_on())
+                remaining = max(0.0, deadline - loop.time())
+                done, _ = await asyncio.wait({joined, watcher}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             self._withdraw(futures)
             raise

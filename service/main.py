@@ -79,8 +79,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     install_handlers(app)
     app.include_router(health.router)
+    app.include_router(vae.router)  # before models: routes are matched in order, and these are the hot ones
     app.include_router(models.router)
-    app.include_router(vae.router)
     if health.STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=health.STATIC_DIR), name="static")
     if settings.api_key is not None:

@@ -43,6 +43,7 @@ class Metrics(BatchObserver):
         )  # fmt: skip
         self.queue = Gauge("vae_queue_depth", "images waiting for a forward pass", ["model"], registry=self.registry)
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._queues: dict[str, Any] = {}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -62,7 +63,10 @@ class Metrics(BatchObserver):
         self.images.labels(model, op).inc(size)
 
     def queue_depth(self, model: str, images: int) -> None:
-        self.queue.labels(model).set(images)
+        gauge = self._queues.get(model)
+        if gauge is None:
+            gauge = self._queues[model] = self.queue.labels(model)
+        gauge.set(images)
 
 
 class MetricsMiddleware:

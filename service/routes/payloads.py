@@ -5,23 +5,19 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import torch
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
-from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from service import media
+from service import media, multipart
 from service.errors import (
     ClientDisconnected,
     InvalidInput,
-    InvalidPayload,
     NotAcceptable,
     PayloadTooLarge,
     UnsupportedMediaType,
@@ -77,58 +73,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-@dataclass
-class Part:
-    name: str
-    filename: str | None
-    data: bytes
-
-
-def parse_multipart(content_type: str, body: bytes, max_parts: int) -> list[Part]:
-    """A multipart/form-data body -> its parts, with python-multipart's low-level parser (a third of the cost of
-    Starlette's form parser, which spools every file part through a temporary file object)."""
-    _, options = parse_options_header(content_type)
-    boundary = options.get(b"boundary")
-    if not boundary:
-        raise InvalidPayload("multipart body without a boundary in its Content-Type")
-    parts: list[Part] = []
-    headers: list[list[bytes]] = []
-    chunks: list[bytes] = []
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        headers.append([data[start:end].lower(), b""])
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        headers[-1][1] += data[start:end]
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        chunks.append(data[start:end])
-
-    def on_part_end() -> None:
-        disposition = next((v for k, v in headers if k == b"content-disposition"), b"")
-        _, params = parse_options_header(disposition)
-        if b"name" not in params:
-            raise InvalidPayload("a multipart part has no name in its Content-Disposition")
-        if len(parts) == max_parts:
-            raise InvalidInput(f"too many parts in the multipart body (at most {max_parts})")
-        filename = params.get(b"filename")
-        parts.append(Part(params[b"name"].decode("utf-8", errors="replace"),
-                          None if filename is None else filename.decode("utf-8", errors="replace"),
-                          b"".join(chunks)))  # fmt: skip
-        headers.clear()
-        chunks.clear()
-
-    callbacks = {"on_header_field": on_header_field, "on_header_value": on_header_value,
-                 "on_part_data": on_part_data, "on_part_end": on_part_end}  # fmt: skip
-    parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
-    try:
-        parser.write(body)
-        parser.finalize()
-    except MultipartParseError as e:
-        raise InvalidPayload(f"malformed multipart body: {e}") from None
-    return parts
-
-
 def validate(schema: type[T], data: bytes | dict[str, Any]) -> T:
     try:
         if isinstance(data, bytes):
@@ -156,15 +100,13 @@ async def read_images_request(request: Request, schema: type[T], settings: Setti
         limit = settings.max_images_per_request
         uploads: list[bytes] = []
         fields: dict[str, Any] = {}
-        for part in parse_multipart(request.headers["content-type"], body, max_parts=limit + 100):
-            if part.filename is not None:
-                if part.name != "image":
-                    raise InvalidInput(f"unexpected file field {part.name!r}: upload images as field 'image'")
+        for part in multipart.parse(request.headers["content-type"], body, max_parts=limit + 100):
+            if part.name == "image":  # a file part, or (curl -F 'image=<f', httpx with no filename) a plain one
                 if len(uploads) == limit:
                     raise InvalidInput(f"too many images: at most {limit} per request")
                 uploads.append(part.data)
-            elif part.name == "image":
-                raise InvalidInput("form field 'image' must be a file upload (curl -F image=@file.png)")
+            elif part.filename is not None:
+                raise InvalidInput(f"unexpected file field {part.name!r}: upload images as field 'image'")
             elif part.name in fields:
                 raise InvalidInput(f"form field {part.name!r} is given twice")
             else:

@@ -108,8 +108,10 @@ async def test_image_sources(client) -> None:
     assert_error(r, 422, "invalid_input")
     r = await client.post("/v1/encode", data={"image": "text, not a file"})
     assert_error(r, 415, "unsupported_media_type")  # url-encoded form
-    r = await client.post("/v1/encode", files={"image": (None, b"text, not a file")})
-    assert_error(r, 422, "invalid_input", "file upload")
+    r = await client.post("/v1/encode", files={"image": (None, b"text, not a file")})  # a field, not a file
+    assert_error(r, 400, "invalid_payload", "not a PNG or JPEG")
+    r = await client.post("/v1/encode", files={"image": (None, png(digit_like(0)))})  # a field holding a PNG
+    assert r.status_code == 200
     r = await client.post(
         "/v1/encode", content=b"--xyz\r\ngarbage", headers={"Content-Type": "multipart/form-data; boundary=xyz"}
     )
