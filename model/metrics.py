@@ -3,8 +3,6 @@ Shared by the training module (end of training) and the evaluation CLI."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from model.losses import active_units, bits_per_dim, elbo, iwae_log_likelihood
@@ -29,21 +27,46 @@ def dataset_elbo(model: VAE, x: torch.Tensor, batch_size: int = 500, seed: int =
     return {key: value / len(x) for key, value in sums.items()}
 
 
-@torch.no_grad()
 def dataset_nll(
-    model: VAE, x: torch.Tensor, k: int, batch_size: int = 100, seed: int = 0, progress: bool = False
+    model: VAE, x: torch.Tensor, k: int, batch_size: int = 100, seed: int = 0, progress: bool = False, workers: int = 1
 ) -> float:
-    """Mean importance-weighted negative log-likelihood (nats per example) over `x`."""
+    """Mean importance-weighted negative log-likelihood (nats per example) over `x`.
+
+    With workers > 1 the batches are shared out to that many threads, each running single-threaded torch ops on its
+    own seeded generator: on a few busy cores this keeps every core working instead of stalling at the barriers of
+    one multi-threaded op. The Monte Carlo noise then differs from a one-worker run (same seed, other draws)."""
     device = next(model.parameters()).device
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    total = 0.0
-    batches = _batches(x, batch_size)
+    batches = list(_batches(x, batch_size))
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        batches = tqdm(batches, total=math.ceil(len(x) / batch_size), desc=f"NLL k={k}", unit="batch")
-    for xb in batches:
-        total -= float(iwae_log_likelihood(model, xb.to(device), k=k, generator=g).double().sum())
+        bar = tqdm(total=len(batches), desc=f"NLL k={k}", unit="batch")
+
+    @torch.no_grad()
+    def run(shard: int) -> float:
+        g = torch.Generator(device="cpu").manual_seed(seed + shard)
+        total = 0.0
+        for xb in batches[shard::workers]:
+            total -= float(iwae_log_likelihood(model, xb.to(device), k=k, generator=g).double().sum())
+            if bar is not None:
+                bar.update()
+        return total
+
+    if workers <= 1:
+        total = run(0)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                total = sum(pool.map(run, range(workers)))
+        finally:
+            torch.set_num_threads(threads)
+    if bar is not None:
+        bar.close()
     return total / len(x)
 
 
@@ -73,7 +96,9 @@ def latent_statistics(mu: torch.Tensor) -> dict:
     }
 
 
-def full_metrics(model: VAE, x_test: torch.Tensor, k: int, seed: int = 0, progress: bool = False) -> dict:
+def full_metrics(
+    model: VAE, x_test: torch.Tensor, k: int, seed: int = 0, progress: bool = False, workers: int = 1
+) -> dict:
     """The card's metrics block: test ELBO and terms, NLL with k and n, bits/dim, active units."""
     terms = dataset_elbo(model, x_test, seed=seed)
     metrics = {
@@ -85,7 +110,7 @@ def full_metrics(model: VAE, x_test: torch.Tensor, k: int, seed: int = 0, progre
         "active_units_threshold": 0.01,
     }
     if model.config.kind == "vae":
-        nll = dataset_nll(model, x_test, k=k, seed=seed, progress=progress)
+        nll = dataset_nll(model, x_test, k=k, seed=seed, progress=progress, workers=workers)
         metrics.update(
             test_nll=round(nll, 4),
             nll_k=k,
