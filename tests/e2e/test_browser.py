@@ -162,8 +162,17 @@ class Page:
         self.context.close()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ui(browser: Any, server: str) -> Iterator[Page]:
+    """One page shared by the tests that keep the default model: every page load decodes the whole latent map, which
+    is slow on a busy machine. Each test only adds to the page's state (strokes, a seed), never relies on another's."""
+    page = Page(browser, server)
+    yield page
+    page.close()
+
+
+@pytest.fixture
+def fresh_ui(browser: Any, server: str) -> Iterator[Page]:
     page = Page(browser, server)
     yield page
     page.close()
@@ -198,7 +207,7 @@ def test_page_loads_draws_and_reconstructs(ui: Page, tmp_path: Path) -> None:
 
 def test_sample_grid_follows_the_seed(ui: Page) -> None:
     page = ui.ready()
-    assert page.get_attribute("#sample-grid", "data-seed") == "0"
+    assert page.get_attribute("#sample-grid", "data-seed") == "0"  # the page's default seed
     first = ui.tiles("#sample-grid")
     assert len(first) == 36
 
@@ -227,25 +236,6 @@ def test_sample_grid_follows_the_seed(ui: Page) -> None:
     page.keyboard.press("Enter")
     page.wait_for_selector("#analyze[data-state=done]")
     assert page.evaluate(PIXEL_RANGE, "#recon-img")["width"] == 8
-    assert ui.console_errors == []
-
-
-def test_picker_switches_models(ui: Page) -> None:
-    page = ui.ready()
-    assert page.input_value("#model-select") == "tiny"
-    assert "grayscale" in page.text_content("#card-input")
-    page.select_option("#model-select", "tiny-rgb")
-    page.wait_for_selector("#model-card[data-model=tiny-rgb]")
-    assert page.text_content("#card-latent") == "3"
-    assert "3 channels" in page.text_content("#card-input")
-    page.wait_for_function("document.querySelector('#sample-grid').getAttribute('aria-label').includes('tiny-rgb')")
-    page.wait_for_selector("#map[data-state=done]")
-    assert "principal" in page.text_content("#map-basis")  # latent 3: the card's principal directions
-
-    ui.draw("#draw", SEVEN)
-    page.click("#reconstruct")
-    page.wait_for_selector("#analyze[data-state=done]")
-    assert page.locator("#latent-chart .bar").count() == 3
     assert ui.console_errors == []
 
 
@@ -299,6 +289,26 @@ def test_upload(ui: Page) -> None:
     page.set_input_files("#upload", files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"not a png"}])
     page.wait_for_selector("#analyze-error:not([hidden])")
     assert "cannot read notes.png as an image" in page.text_content("#analyze-error")
+    assert ui.console_errors == []
+
+
+def test_picker_switches_models(fresh_ui: Page) -> None:
+    ui = fresh_ui
+    page = ui.ready()
+    assert page.input_value("#model-select") == "tiny"
+    assert "grayscale" in page.text_content("#card-input")
+    page.select_option("#model-select", "tiny-rgb")
+    page.wait_for_selector("#model-card[data-model=tiny-rgb]")
+    assert page.text_content("#card-latent") == "3"
+    assert "3 channels" in page.text_content("#card-input")
+    page.wait_for_function("document.querySelector('#sample-grid').getAttribute('aria-label').includes('tiny-rgb')")
+    page.wait_for_selector("#map[data-state=done]")
+    assert "principal" in page.text_content("#map-basis")  # latent 3: the card's principal directions
+
+    ui.draw("#draw", SEVEN)
+    page.click("#reconstruct")
+    page.wait_for_selector("#analyze[data-state=done]")
+    assert page.locator("#latent-chart .bar").count() == 3
     assert ui.console_errors == []
 
 
