@@ -5,12 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
-common=(--data-root "$DATA" --seed 0 --threads 2 --no-progress)
+common=(--data-root "$DATA" --seed 0 --threads "${THREADS:-2}" --no-progress)
 
 run() {  # run NAME ARGS...: train into checkpoints/NAME, keep the log, drop the resume state
   local name=$1; shift
   mkdir -p "checkpoints/$name"
-  python -m model.train "$@" "${common[@]}" --out "checkpoints/$name" 2>&1 | tee "checkpoints/$name/train.log"
+  python -m model.train "$@" "${common[@]}" --name "$name" --out "checkpoints/$name" 2>&1 | tee "checkpoints/$name/train.log"
   rm -rf "checkpoints/$name/train_state"
 }
 

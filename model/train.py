@@ -365,7 +365,8 @@ def finish(cfg: TrainConfig, vae_config: VAEConfig, out: Path, run: dict, histor
     train_x, _, test_x = run["data"]
     model, _ = checkpoint.load(out, run["device"])
     x_eval = test_x if cfg.eval_limit is None else test_x[: cfg.eval_limit]
-    print(f"final evaluation: ELBO and NLL (k={cfg.eval_k}) on {len(x_eval)} test images")
+    what = f"ELBO and NLL (k={cfg.eval_k})" if vae_config.kind == "vae" else "reconstruction"
+    print(f"final evaluation: {what} on {len(x_eval)} test images")
     metrics = full_metrics(model, x_eval, k=cfg.eval_k, progress=cfg.progress)
     metrics["best_epoch"] = best["epoch"] + 1
     metrics["best_val_elbo"] = round(best["val_elbo"], 4)
