@@ -263,7 +263,7 @@ class MicroBatcher:
                 out = self._forward(first.op, inputs, first.arg)
                 sizes = [item.size for item in live]
                 self._observer.batch(self.name, first.op, sum(sizes), time.perf_counter() - started)
-                split = {k: v.split(sizes) for k, v in out.items()}
+                split = {k: torch.split(v, sizes) for k, v in out.items()}
                 by_item = {id(item): {k: split[k][j] for k in out} for j, item in enumerate(live)}
                 results.append([by_item.get(id(item)) for item in items])
             except Exception as e:

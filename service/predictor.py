@@ -241,7 +241,7 @@ class VAEPredictor:
         mu, logvar = self.model.encode(x)
         z = self._reparameterize(mu, logvar, eps)
         params = self.model.decode(torch.cat([z, mu]))
-        sampled, at_mean = params.split(len(x))
+        sampled, at_mean = torch.split(params, len(x))
         terms = losses.elbo_from_output(self.model, x, VAEOutput(mu=mu, logvar=logvar, z=z, params=sampled))
         return {"image": self.model.mean_image(at_mean), "elbo": terms.elbo, "recon": terms.recon, "kl": terms.kl}
 

@@ -10,6 +10,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
+from PIL import Image
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
@@ -211,11 +212,17 @@ def json_response(body: BaseModel) -> Response:
     return Response(body.model_dump_json(exclude_none=True), media_type=JSON)
 
 
-def png_response(data: bytes) -> Response:
+async def png_response(image: Image.Image) -> Response:
+    """One PNG; large ones are compressed in a thread so the event loop keeps serving."""
+    if image.width * image.height <= INLINE_PIXELS:
+        data = media.png_bytes(image)
+    else:
+        data = await run_in_threadpool(media.png_bytes, image)
     return Response(data, media_type="image/png")
 
 
-def gif_response(data: bytes) -> Response:
+async def gif_response(frames: list[Image.Image], frame_ms: int) -> Response:
+    data = await run_in_threadpool(media.gif_bytes, frames, frame_ms)
     return Response(data, media_type="image/gif")
 
 

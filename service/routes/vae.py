@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 
-from service import deps, media
+from service import deps
 from service.errors import InvalidInput
 from service.routes.payloads import (
     ERRORS,
@@ -96,7 +96,7 @@ async def decode_latents(request: Request, format: FormatQuery = None) -> Respon
     z = p.latents_tensor(req.latents)
     images = (await run(served, request, settings, "decode", {"z": z}))["image"]
     if fmt == "png":
-        return png_response(media.png_bytes(p.grid(images)))
+        return await png_response(p.grid(images))
     return json_response(DecodeResponse(model=p.name, **image_fields(images, req.encoding)))
 
 
@@ -124,7 +124,7 @@ async def sample_images(
     z = p.noise(n, generator(seed)) * temperature
     images = (await run(served, request, settings, "decode", {"z": z}))["image"]
     if fmt == "png":
-        return png_response(media.png_bytes(p.grid(images)))
+        return await png_response(p.grid(images))
     body = SampleResponse(model=p.name, seed=seed, temperature=temperature, latents=z.tolist(),
                           **image_fields(images, encoding))  # fmt: skip
     return json_response(body)
@@ -150,7 +150,7 @@ async def reconstruct_images(request: Request, format: FormatQuery = None) -> Re
         x = p.binarize(x, g)
     out = await run(served, request, settings, "reconstruct", {"x": x, "eps": p.noise(len(x), g)})
     if fmt == "png":
-        return png_response(media.png_bytes(p.grid(out["image"])))
+        return await png_response(p.grid(out["image"]))
     results = [
         ElboTerms(elbo=e, recon=r, kl=k, elbo_bits_per_dim=p.bits_per_dim(-e))
         for e, r, k in zip(out["elbo"].tolist(), out["recon"].tolist(), out["kl"].tolist(), strict=True)
@@ -218,9 +218,9 @@ async def interpolate(request: Request, format: FormatQuery = None) -> Response:
     codes = p.interpolation_path(ends[0], ends[1], req.steps, req.path)
     images = (await run(served, request, settings, "decode", {"z": codes}))["image"]
     if fmt == "png":
-        return png_response(media.png_bytes(p.grid(images, nrow=len(images))))
+        return await png_response(p.grid(images, nrow=len(images)))
     if fmt == "gif":
-        return gif_response(media.gif_bytes(p.to_pil(images), settings.gif_frame_ms))
+        return await gif_response(p.to_pil(images), settings.gif_frame_ms)
     body = InterpolateResponse(model=p.name, path=req.path, latents=codes.tolist(),
                                **image_fields(images, req.encoding))  # fmt: skip
     return json_response(body)
@@ -245,7 +245,7 @@ async def latent_manifold(
     codes, plane = p.manifold_codes(steps)
     images = (await run(served, request, settings, "decode", {"z": codes}))["image"]
     if fmt == "png":
-        return png_response(media.png_bytes(p.grid(images, nrow=steps, padding=0)))
+        return await png_response(p.grid(images, nrow=steps, padding=0))
     body = ManifoldResponse(model=p.name, steps=steps, latents=codes.tolist(), **plane,
                             **image_fields(images, encoding))  # fmt: skip
     return json_response(body)

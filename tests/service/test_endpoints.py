@@ -341,3 +341,19 @@ async def test_tensor_to_pil_round_trip_of_outputs(client, tiny_model) -> None:
     got = Image.open(io.BytesIO(__import__("base64").b64decode(r.json()["images"][0])))
     diff = np.abs(np.asarray(got, dtype=int) - np.asarray(expected, dtype=int))
     assert diff.max() <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+async def test_gpu_serving_matches_the_cpu_model(settings_for, tiny_model, dtype) -> None:
+    images = [digit_like(i) for i in range(4)]
+    async with serve(settings_for(device="cuda", dtype=dtype)) as (_, client):
+        info = (await client.get("/v1/models/tiny")).json()
+        assert info["device"].startswith("cuda") and info["dtype"] == dtype
+        r = await client.post("/v1/encode", files=files(*map(png, images)))
+        sample = await client.get("/v1/sample", params={"n": 3, "seed": 2, "encoding": "pixels"})
+    tol = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}[dtype]
+    mu = tiny_model.encode(as_tensor(images))[0]
+    torch.testing.assert_close(torch.tensor([x["mu"] for x in r.json()["results"]]), mu, atol=tol, rtol=tol)
+    expected = tiny_model.sample(3, generator=torch.Generator().manual_seed(2))  # CPU noise: same draws on GPU
+    torch.testing.assert_close(torch.tensor(sample.json()["pixels"]), expected, atol=tol, rtol=tol)
