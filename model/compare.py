@@ -21,21 +21,31 @@ from model import checkpoint
 from model.data import default_data_root, fixed_binarized, load_dataset, to_float
 from model.latent import lerp
 from model.losses import elbo
-from model.metrics import posterior_means
 from model.preprocess import make_grid
 from model.vae import VAE
 
 CONFIDENT = 0.9  # a prior sample counts as plausible when the classifier gives one class at least this probability
 
 
-def gaussian_kl_to_standard(codes: torch.Tensor) -> float:
-    """KL(N(m, S) || N(0, I)) for the Gaussian with the codes' mean m and covariance S: 0 when they look like
-    draws from the prior, large when the prior puts its mass where the codes are not."""
+def gaussian_kl_to_standard(codes: torch.Tensor, posterior_var: torch.Tensor | None = None) -> float:
+    """KL(N(m, S) || N(0, I)) for the Gaussian matching the aggregate code distribution: mean m and covariance
+    S = Cov(codes) + mean posterior variance (the VAE's q(z|x) is a distribution, the AE's code a point). 0 when the
+    codes look like draws from the prior, large when the prior puts its mass where the codes are not."""
     codes = codes.double()
     d = codes.shape[1]
     m = codes.mean(0)
     s = torch.cov(codes.T).reshape(d, d) + 1e-9 * torch.eye(d, dtype=codes.dtype)
+    if posterior_var is not None:
+        s = s + torch.diag(posterior_var.double().mean(0))
     return float(0.5 * (torch.trace(s) + m @ m - d - torch.logdet(s)))
+
+
+@torch.no_grad()
+def posterior(model: VAE, x: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Codes (posterior means) and, for a VAE, posterior variances of `x`."""
+    parts = [model.encode(xb) for xb in x.split(batch_size)]
+    mu = torch.cat([p[0] for p in parts])
+    return mu, None if model.config.kind == "ae" else torch.cat([p[1] for p in parts]).exp()
 
 
 def train_classifier(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> nn.Module:
@@ -99,7 +109,9 @@ def compare(ae: VAE, vae: VAE, x_test: torch.Tensor, labels: torch.Tensor | None
     )
     with torch.no_grad():
         samples = {"AE": ae.mean_image(ae.decode(z_ae)), "VAE": vae.mean_image(vae.decode(z))}
-        codes = {"AE": posterior_means(ae, x_test), "VAE": posterior_means(vae, x_test)}
+        (ae_mu, _), (vae_mu, vae_var) = posterior(ae, x_test), posterior(vae, x_test)
+        codes = {"AE": ae_mu, "VAE": vae_mu}
+        variances = {"AE": None, "VAE": vae_var}
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.4), dpi=100)
     for ax, name in zip(axes, ("AE", "VAE"), strict=True):
@@ -144,7 +156,7 @@ def compare(ae: VAE, vae: VAE, x_test: torch.Tensor, labels: torch.Tensor | None
     for name, model in (("ae", ae), ("vae", vae)):
         metrics[name] = {
             "reconstruction_mse": round(reconstruction_error(model, x_test), 5),
-            "codes_kl_to_prior": round(gaussian_kl_to_standard(codes[name.upper()]), 3),
+            "codes_kl_to_prior": round(gaussian_kl_to_standard(codes[name.upper()], variances[name.upper()]), 3),
             "code_norm_mean": round(float(codes[name.upper()].norm(dim=1).mean()), 3),
             "prior_norm_mean": round(math.sqrt(2) * math.exp(math.lgamma((model.config.latent_dim + 1) / 2)
                                                              - math.lgamma(model.config.latent_dim / 2)), 3),

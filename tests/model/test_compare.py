@@ -12,6 +12,8 @@ def test_kl_of_codes_to_the_prior():
     g = torch.Generator().manual_seed(0)
     assert gaussian_kl_to_standard(torch.randn(20000, 3, generator=g)) < 0.01
     assert gaussian_kl_to_standard(10 * torch.randn(20000, 3, generator=g) + 5) > 30
+    # inactive VAE units: means pinned at 0 but each posterior is N(0, 1), so the aggregate is the prior
+    assert gaussian_kl_to_standard(1e-3 * torch.randn(20000, 3, generator=g), torch.ones(20000, 3)) < 0.01
 
 
 def test_ae_trains_and_compare_writes_its_files(tmp_path, tiny_checkpoint):
