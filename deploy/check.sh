@@ -11,10 +11,12 @@
 #      /v1/models, run its HEALTHCHECK, stop it with SIGTERM, then bring docker-compose.yml up and probe again.
 #      Otherwise one SKIP line.
 # The lint tools are pinned and installed once from the package registry into $DEPLOY_TOOLS_VENV.
-# Environment: DEPLOY_CHECK_CONTAINER=0 skips step 5; BUILD_ARGS is passed to container-check (default: install the
-# torch wheel pip already sees when pip's find-links hold a CPU build of TORCH_VERSION, else the PyTorch CPU index).
-# Exit status: 0 when everything that ran passed, 1 otherwise. Takes about 20 s without step 5 (once the tools
-# are installed), a few minutes with it (docs/deploy.md has the measured times).
+# Environment: DEPLOY_CHECK_CONTAINER=0 skips step 5; DEPLOY_CHECK_TIMEOUT bounds container-check (default 1800 s);
+# BUILD_ARGS is passed to container-check (default: install the torch wheel pip already sees when pip's find-links
+# hold a CPU build of TORCH_VERSION, else the PyTorch CPU index).
+# Exit status: 0 when everything that ran passed, 1 otherwise. Time: static checks a few seconds (once the tools are
+# installed, ~80 s the first time); step 5 a few minutes when the image's dependency layers are cached, up to ~20 min
+# for a cold build on a busy 2-core machine (docs/deploy.md has the measured times).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -104,7 +106,7 @@ container_check() {
   # A fresh checkpoints volume each time: an old one would keep serving the models of an older image.
   podman volume rm -f vae-serve_checkpoints >/dev/null 2>&1 || true
   # The run mimics deploy/k8s's securityContext: read-only root, a tmpfs /tmp, no capabilities.
-  (cd "$ctx" && BUILD_ARGS=$BUILD_ARGS API_IMAGE=vae-serve:check API_PORT=18080 timeout 1200 "$CONTAINER_CHECK" \
+  (cd "$ctx" && BUILD_ARGS=$BUILD_ARGS API_IMAGE=vae-serve:check API_PORT=18080 timeout "${DEPLOY_CHECK_TIMEOUT:-1800}" "$CONTAINER_CHECK" \
     --tag vae-serve:check --port 18080 --probe /readyz --probe /healthz --probe /v1/models \
     --compose docker-compose.yml -- --read-only --tmpfs /tmp --cap-drop=ALL --security-opt=no-new-privileges) || rc=$?
   podman volume rm -f vae-serve_checkpoints >/dev/null 2>&1 || true
