@@ -44,7 +44,6 @@ async def test_fashion_mnist_scores_far_lower_than_mnist_on_the_mnist_model(shar
             assert r.status_code == 200, r.text
             scores[name] = np.array([s["log_likelihood"] for s in r.json()["results"]])
     mnist, fashion = scores["mnist"], scores["fashion"]
-    print(f"log p(x) nats: mnist mean {mnist.mean():.1f}, fashion mean {fashion.mean():.1f}")
     # Far lower: hundreds of nats on average, and the typical clothing item below nearly every digit.
     assert fashion.mean() < mnist.mean() - 100, (mnist.mean(), fashion.mean())
     assert np.median(fashion) < np.percentile(mnist, 5), (mnist, fashion)
