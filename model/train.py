@@ -352,7 +352,7 @@ def describe(cfg: TrainConfig, vae_config: VAEConfig, run: dict, history: list[d
             "device": str(run["device"]),
             "epochs_run": len(history),
             "best_epoch": best["epoch"] + 1,
-            "wall_time_s": round(run["wall_time"], 1),
+            "wall_time_s": round(run["wall_time"], 2),
             "config": {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume")},
         },
         "versions": {"vae_serve": __version__, "torch": torch.__version__, "python": platform.python_version()},
