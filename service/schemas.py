@@ -93,6 +93,15 @@ class EncodeResponse(BaseModel):
     seed: int | None = Field(None, description="the seed z was drawn with (when sample=true)")
     results: list[Posterior]
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"model": "mnist-2d", "latent_dim": 2, "seed": 0,
+                 "results": [{"mu": [0.41, -1.2], "logvar": [-4.1, -3.9], "z": [0.5, -1.31]}]}
+            ]
+        }
+    )  # fmt: skip
+
 
 # -- decode -------------------------------------------------------------------------------------------------------
 class DecodeRequest(_Request):
@@ -106,6 +115,8 @@ class DecodeResponse(BaseModel):
     model: str
     images: ImagesOut = None
     pixels: PixelsOut = None
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"model": "mnist", "images": [EXAMPLE_PNG]}]})
 
 
 # -- sample -------------------------------------------------------------------------------------------------------
@@ -171,6 +182,16 @@ class ScoreResponse(BaseModel):
     seed: int
     binarized: bool
     results: list[Score]
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"model": "mnist", "k": 500, "seed": 0, "binarized": True,
+                 "results": [{"elbo": -88.1, "recon": -62.3, "kl": 25.8, "elbo_bits_per_dim": 0.1621,
+                              "log_likelihood": -83.9, "bits_per_dim": 0.1544}]}
+            ]
+        }
+    )  # fmt: skip
 
 
 # -- interpolate ----------------------------------------------------------------------------------------------------

@@ -48,7 +48,9 @@ from service.schemas import (
 
 router = APIRouter(prefix="/v1", tags=["vae"])
 
-ModelQuery = Annotated[str | None, Query(description="served model name (default: the server's default)")]
+ModelQuery = Annotated[
+    str | None, Query(description="served model name (default: the server's default)", examples=["mnist"])
+]
 FormatQuery = Annotated[
     Literal["json", "png", "gif"] | None,
     Query(description="response format; overrides the Accept header (default: JSON)"),
@@ -103,10 +105,12 @@ async def decode_latents(request: Request, format: FormatQuery = None) -> Respon
 @router.get("/sample", response_model=SampleResponse, responses=image_responses(SampleResponse, "image/png"))
 async def sample_images(
     request: Request,
-    n: Annotated[int, Query(ge=1, description="images to draw (capped by max_sample_n)")] = 16,
-    seed: Annotated[Seed | None, Query(description="same seed, same images (default: a fresh one)")] = None,
+    n: Annotated[int, Query(ge=1, description="images to draw (capped by max_sample_n)", examples=[16])] = 16,
+    seed: Annotated[
+        Seed | None, Query(description="same seed, same images (default: a fresh one)", examples=[0])
+    ] = None,
     temperature: Annotated[
-        float, Query(gt=0, allow_inf_nan=False, description="scales the prior's standard deviation")
+        float, Query(gt=0, allow_inf_nan=False, description="scales the prior's standard deviation", examples=[0.8])
     ] = 1.0,
     model: ModelQuery = None,
     encoding: EncodingQuery = "png",
@@ -229,7 +233,7 @@ async def interpolate(request: Request, format: FormatQuery = None) -> Response:
 @router.get("/manifold", response_model=ManifoldResponse, responses=image_responses(ManifoldResponse, "image/png"))
 async def latent_manifold(
     request: Request,
-    steps: Annotated[int, Query(ge=2, description="grid side (capped by max_manifold_steps)")] = 15,
+    steps: Annotated[int, Query(ge=2, description="grid side (capped by max_manifold_steps)", examples=[20])] = 15,
     model: ModelQuery = None,
     encoding: EncodingQuery = "png",
     format: FormatQuery = None,
