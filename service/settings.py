@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = Field(True, description="one log line per request")
+    graceful_shutdown_s: float = Field(20.0, gt=0, description="on SIGTERM, the longest wait for requests in flight")
 
     @field_validator("models", mode="before")
     @classmethod

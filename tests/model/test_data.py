@@ -130,3 +130,17 @@ def test_real_files_match_their_checksums(shared_data):
     for spec in data.DATASETS.values():
         for f in spec.files:
             assert data.sha256_of(shared_data / spec.name / f.name) == f.sha256
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped():
+    import io
+
+    from model.preprocess import pil_to_tensor
+
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    buf.seek(0)
+    with Image.open(buf) as im:
+        x = pil_to_tensor(im, (1, 32, 32))
+    assert abs(float(x.mean()) - 0.5) < 0.01 and float(x.min()) == 0.0 and float(x.max()) == 1.0
