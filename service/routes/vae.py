@@ -121,7 +121,8 @@ async def sample_images(
     fmt = negotiate(request, format, ("json", "png"))
     served = registry.get(model)
     p = served.predictor
-    p.require_vae("sampling from the prior")
+    # A plain autoencoder samples too: decoding N(0, I) codes shows that its code space is not the prior's
+    # (see docs/ae-vs-vae.md), which is the point of serving it.
     if n > settings.max_sample_n:
         raise InvalidInput(f"n={n} is over the limit of {settings.max_sample_n} images per call")
     seed = seed if seed is not None else fresh_seed()
