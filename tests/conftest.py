@@ -6,7 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 from PIL import Image
+
+# Property tests explore the same examples on every run: the suite is deterministic, like every other test here.
+settings.register_profile("deterministic", derandomize=True, print_blob=True)
+settings.load_profile("deterministic")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 from service import multipart
 from service.errors import InvalidInput, InvalidPayload
 
-# Clients percent-encode '"', CR and LF in names (HTML's rule); our field names are plain ASCII anyway.
+# Clients percent-encode '"', CR and LF in names (HTML's rule); our field names are plain ASCII anyway. httpx writes a
+# backslash unescaped, so a name ending in one would run into the next parameter: no parser can agree on that body.
 names = st.text(
-    st.characters(codec="utf-8", exclude_categories=("Cs", "Cc"), exclude_characters='"%'), min_size=1, max_size=12
+    st.characters(codec="utf-8", exclude_categories=("Cs", "Cc"), exclude_characters='"%\\'), min_size=1, max_size=12
 )
 payloads = st.one_of(st.binary(max_size=64), st.sampled_from([b"", b"\r\n", b"--", b"\r\n--", b"\r\n\r\n", b"-"]))
 files = st.lists(st.tuples(names, st.one_of(st.none(), names), payloads), max_size=5)
