@@ -318,6 +318,7 @@
     }
     if (!check()) return;
     state.models = data.models;
+    renderComparePairs();
     const previous = state.model && state.model.name;
     select.innerHTML = "";
     for (const m of data.models) {
@@ -859,6 +860,78 @@
   // -- wiring -----------------------------------------------------------------------------------------------------
   const pads = {};
 
+  // -- AE vs VAE: the same N(0, I) codes through a plain autoencoder and a VAE of the same data -------------------
+  // The service draws z from a generator seeded by the request's seed, so one seed gives both models the same codes
+  // when their latent sizes match (the pairs below require it).
+  const COMPARE_N = 16;
+  const COMPARE_MAP_STEPS = 12;
+
+  function comparePairs() {
+    const pairs = [];
+    for (const ae of state.models.filter((m) => m.kind === "ae")) {
+      const same = (m) => m.kind === "vae" && m.latent_dim === ae.latent_dim &&
+        (m.dataset || {}).name === (ae.dataset || {}).name;
+      const vae = state.models.find(same);
+      if (vae) pairs.push([ae.name, vae.name]);
+    }
+    return pairs;
+  }
+
+  function renderComparePairs() {
+    const select = $("#compare-pair");
+    const previous = select.value;
+    const pairs = comparePairs();
+    select.innerHTML = "";
+    for (const [ae, vae] of pairs) {
+      const option = document.createElement("option");
+      option.value = `${ae}|${vae}`;
+      option.textContent = `${ae} vs ${vae}`;
+      select.append(option);
+    }
+    if ([...select.options].some((o) => o.value === previous)) select.value = previous;
+    const none = pairs.length === 0;
+    select.disabled = none;
+    $("#compare-run").disabled = none;
+    setStatus("compare", none ? "No plain autoencoder is served beside a VAE of the same data and latent size." : "");
+  }
+
+  async function imageURL(path, query) {
+    return URL.createObjectURL(await (await api("GET", path, { query })).blob());
+  }
+
+  async function compare() {
+    const value = $("#compare-pair").value;
+    if (!value) return;
+    const [ae, vae] = value.split("|");
+    const seed = Math.max(0, Math.floor(Number($("#compare-seed").value) || 0));
+    const check = ticket("compare");
+    const started = performance.now();
+    showError("compare", null);
+    setBusy("compare", true);
+    try {
+      const urls = await Promise.all([
+        imageURL("v1/sample", { model: ae, n: COMPARE_N, seed, format: "png" }),
+        imageURL("v1/sample", { model: vae, n: COMPARE_N, seed, format: "png" }),
+        imageURL("v1/manifold", { model: ae, steps: COMPARE_MAP_STEPS, format: "png" }),
+        imageURL("v1/manifold", { model: vae, steps: COMPARE_MAP_STEPS, format: "png" }),
+      ]);
+      if (!check()) {
+        urls.forEach((url) => URL.revokeObjectURL(url));
+        return;
+      }
+      ["#compare-ae-samples", "#compare-vae-samples", "#compare-ae-map", "#compare-vae-map"].forEach((id, i) => {
+        const img = $(id);
+        if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+        img.src = urls[i];
+      });
+      $("#compare-ae-caption").textContent = `${ae}: ${COMPARE_N} codes z ~ N(0, I), seed ${seed}`;
+      $("#compare-vae-caption").textContent = `${vae}: the same ${COMPARE_N} codes`;
+      done("compare", started, `${ae} and ${vae} compared`);
+    } catch (err) {
+      if (check()) failed("compare", err);
+    }
+  }
+
   function init() {
     pads.main = new Pad($("#draw"), { onStroke: updateSmallInput, onDrop: analyze });
     pads.a = new Pad($("#pad-a"));
@@ -919,6 +992,11 @@
     $("#interp-form").addEventListener("submit", (e) => {
       e.preventDefault();
       interpolate();
+    });
+
+    $("#compare-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      compare();
     });
 
     $("#api-key").value = sessionStorage.getItem(KEY_STORAGE) || "";

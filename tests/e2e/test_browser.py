@@ -73,11 +73,15 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path,
            tiny_gaussian_checkpoint: Path) -> Iterator[str]:  # fmt: skip
-    """uvicorn in a subprocess serving `tiny` (2-D latent, default) and `tiny-rgb` (latent 3) with an API key."""
+    """uvicorn in a subprocess serving `tiny` (2-D latent, default), `tiny-rgb` (latent 3) and `tiny-ae` (a plain
+    autoencoder of tiny's data and size) with an API key."""
+    from conftest import make_tiny_checkpoint
+
     root = tmp_path_factory.mktemp("browser")
     models = root / "models"
     shutil.copytree(tiny_checkpoint, models / "tiny")
     shutil.copytree(tiny_gaussian_checkpoint, models / "tiny-rgb")
+    make_tiny_checkpoint(models, "tiny-ae", "--model", "ae")
     port = _free_port()
     env = {
         **os.environ,
@@ -336,3 +340,17 @@ def test_api_errors_are_shown(browser: Any, server: str) -> None:
         assert "GET /v1/sample" in page.text_content("#samples-error")
     finally:
         ui.close()
+
+
+def test_ae_vs_vae_decodes_the_same_codes_side_by_side(ui: Page) -> None:
+    page = ui.ready()
+    assert page.eval_on_selector("#compare-pair", "s => [...s.options].map(o => o.value)") == ["tiny-ae|tiny"]
+    page.fill("#compare-seed", "3")
+    page.click("#compare-run")
+    page.wait_for_selector("#compare[data-state=done]")
+    for side in ("ae", "vae"):
+        for what in ("samples", "map"):
+            size = page.eval_on_selector(f"#compare-{side}-{what}", "img => [img.naturalWidth, img.naturalHeight]")
+            assert size[0] > 8 and size[1] > 8, (side, what, size)
+    assert "seed 3" in page.text_content("#compare-ae-caption")
+    assert ui.console_errors == []
