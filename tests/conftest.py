@@ -63,6 +63,12 @@ def tiny_gaussian_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_ae_checkpoint(tmp_path_factory) -> Path:
+    """A plain autoencoder (kind "ae") of the same images and size as `tiny_checkpoint`."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), "tiny-ae", "--model", "ae")
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "mnist").is_dir():
         pytest.skip(f"real datasets not found at {SHARED_DATA}")

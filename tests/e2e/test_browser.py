@@ -71,17 +71,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path,
-           tiny_gaussian_checkpoint: Path) -> Iterator[str]:  # fmt: skip
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, tiny_gaussian_checkpoint: Path,
+           tiny_ae_checkpoint: Path) -> Iterator[str]:  # fmt: skip
     """uvicorn in a subprocess serving `tiny` (2-D latent, default), `tiny-rgb` (latent 3) and `tiny-ae` (a plain
     autoencoder of tiny's data and size) with an API key."""
-    from conftest import make_tiny_checkpoint
-
     root = tmp_path_factory.mktemp("browser")
     models = root / "models"
     shutil.copytree(tiny_checkpoint, models / "tiny")
     shutil.copytree(tiny_gaussian_checkpoint, models / "tiny-rgb")
-    make_tiny_checkpoint(models, "tiny-ae", "--model", "ae")
+    shutil.copytree(tiny_ae_checkpoint, models / "tiny-ae")
     port = _free_port()
     env = {
         **os.environ,

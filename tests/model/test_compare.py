@@ -1,7 +1,6 @@
 import json
 
 import torch
-from conftest import make_tiny_checkpoint
 
 from model import checkpoint
 from model.compare import gaussian_kl_to_standard
@@ -16,8 +15,8 @@ def test_kl_of_codes_to_the_prior():
     assert gaussian_kl_to_standard(1e-3 * torch.randn(20000, 3, generator=g), torch.ones(20000, 3)) < 0.01
 
 
-def test_ae_trains_and_compare_writes_its_files(tmp_path, tiny_checkpoint):
-    ae = make_tiny_checkpoint(tmp_path, "tiny-ae", "--model", "ae")
+def test_ae_trains_and_compare_writes_its_files(tmp_path, tiny_checkpoint, tiny_ae_checkpoint):
+    ae = tiny_ae_checkpoint
     model, card = checkpoint.load(ae)
     assert model.config.kind == "ae" and "test_nll" not in card["metrics"]  # an AE defines no likelihood
     out = tmp_path / "cmp"
