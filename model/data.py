@@ -6,7 +6,6 @@ inputs. Nothing here downloads unless asked (`download`), and every download is 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import shutil
 import struct
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from model.checkpoint import sha256_file
 
 DEFAULT_DATA_ROOT = "./data"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -239,14 +240,6 @@ def fixed_binarized(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 
 # -- downloads ---------------------------------------------------------------------------------------------------
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download(name: str, root: str | os.PathLike | None = None, mirrors: tuple[str, ...] | None = None) -> Path:
     """Fetch a dataset's files from its canonical URLs (or `mirrors`), verifying each file's sha256.
 
@@ -260,7 +253,7 @@ def download(name: str, root: str | os.PathLike | None = None, mirrors: tuple[st
     directory.mkdir(parents=True, exist_ok=True)
     for f in spec.files:
         target = directory / f.name
-        if target.is_file() and sha256_of(target) == f.sha256:
+        if target.is_file() and sha256_file(target) == f.sha256:
             continue
         errors = []
         for base in mirrors or spec.mirrors:
@@ -269,7 +262,7 @@ def download(name: str, root: str | os.PathLike | None = None, mirrors: tuple[st
             try:
                 with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
                     shutil.copyfileobj(response, out)
-                digest = sha256_of(Path(tmp))
+                digest = sha256_file(tmp)
                 if digest != f.sha256:
                     raise ValueError(f"sha256 mismatch: got {digest}, expected {f.sha256}")
                 os.replace(tmp, target)

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from model import data
+from model.checkpoint import sha256_file
 from model.data import DatasetNotFound, read_idx
 
 
@@ -129,7 +130,7 @@ def test_download_verifies_checksums_against_local_files(tmp_path, monkeypatch):
 def test_real_files_match_their_checksums(shared_data):
     for spec in data.DATASETS.values():
         for f in spec.files:
-            assert data.sha256_of(shared_data / spec.name / f.name) == f.sha256
+            assert sha256_file(shared_data / spec.name / f.name) == f.sha256
 
 
 def test_sixteen_bit_grey_is_scaled_not_clipped():
