@@ -47,10 +47,26 @@ def elbo(model: VAE, x: torch.Tensor, generator: torch.Generator | None = None) 
 
 
 def elbo_from_output(model: VAE, x: torch.Tensor, out: VAEOutput) -> ELBO:
-    """The ELBO terms of a forward pass already made (by the model or a wrapper of it, such as DDP)."""
+    """The ELBO terms of a forward pass already made (by the model or a wrapper of it, such as DDP).
+
+    With several posterior samples per example (out.z is (S, B, D)), the reconstruction term is their mean."""
     recon = model.log_prob(x, out.params)
+    if recon.dim() > 1:
+        recon = recon.mean(0)
     kl = torch.zeros_like(recon) if model.config.kind == "ae" else kl_divergence(out.mu, out.logvar)
     return ELBO(elbo=recon - kl, recon=recon, kl=kl)
+
+
+def iwae_bound(model: VAE, x: torch.Tensor, out: VAEOutput, beta: float = 1.0) -> torch.Tensor:
+    """The importance-weighted bound per example, (B,), from a forward pass with S samples (Burda et al. 2015, Eq. 8):
+
+        L_S = logsumexp_s [log p(x|z_s) + beta * (log p(z_s) - log q(z_s|x))] - log S,
+
+    the training objective of an IWAE; beta < 1 only during KL warm-up. L_S <= log p(x) and tightens as S grows."""
+    if out.z.dim() != 3:
+        raise ValueError("iwae_bound needs a forward pass with samples=S > 1: z of shape (S, B, latent_dim)")
+    log_w = model.log_prob(x, out.params) + beta * (log_normal(out.z) - log_normal(out.z, out.mu, out.logvar))
+    return torch.logsumexp(log_w, dim=0) - math.log(out.z.shape[0])
 
 
 @torch.no_grad()

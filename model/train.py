@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from model import __version__, checkpoint
 from model.data import DATASETS, binarize, default_data_root, fixed_binarized, load_dataset, to_float
 from model.distributed import DistributedContext
-from model.losses import elbo_from_output
+from model.losses import elbo_from_output, iwae_bound
 from model.metrics import dataset_elbo, full_metrics, latent_statistics, posterior_means
 from model.preprocess import input_spec
 from model.report import METRICS_CSV, plot_loss_curve, write_figures, write_metrics_csv
@@ -48,6 +48,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     beta: float = 1.0
     warmup_epochs: float = 0.0  # linear KL warm-up from 0 to beta over this many epochs
+    iwae_k: int = 1  # > 1: train on the importance-weighted bound with this many samples (Burda et al. 2015)
     patience: int = 20  # early stopping: epochs without a better validation ELBO
     val_size: int = 5000
     max_minutes: float | None = None  # wall-clock budget; training stops cleanly and keeps the best epoch
@@ -92,6 +93,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
     opt.add_argument("--weight-decay", type=float, default=d.weight_decay)
     opt.add_argument("--beta", type=float, default=d.beta, help="weight of the KL term")
     opt.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear KL warm-up")
+    opt.add_argument(
+        "--iwae-k",
+        type=int,
+        default=d.iwae_k,
+        help="train on the importance-weighted bound with K "
+        "posterior samples per image (Burda et al. 2015; 1: the ELBO). Costs K decoder passes per image",
+    )
     opt.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience in epochs")
     opt.add_argument("--val-size", type=int, default=d.val_size, help="training images held out for validation "
                      "(capped at 10%% of the training set)")  # fmt: skip
@@ -126,12 +134,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
         )  # fmt: skip
     except ValueError as e:
         p.error(str(e))
+    if a.iwae_k < 1 or (a.iwae_k > 1 and a.model == "ae"):
+        p.error("--iwae-k must be >= 1, and 1 for --model ae (an autoencoder has no posterior to sample)")
     cfg = TrainConfig(
         dataset=a.dataset, data_root=a.data_root or default_data_root(), image_dir=a.image_dir, out=a.out,
         name=a.name, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, min_lr=a.min_lr,
         lr_schedule=a.lr_schedule, weight_decay=a.weight_decay, beta=a.beta, warmup_epochs=a.warmup_epochs,
-        patience=a.patience, val_size=a.val_size, max_minutes=a.max_minutes, seed=a.seed, threads=a.threads,
-        device=a.device, eval_k=a.eval_k, eval_limit=a.eval_limit, resume=a.resume, progress=not a.no_progress,
+        iwae_k=a.iwae_k, patience=a.patience, val_size=a.val_size, max_minutes=a.max_minutes, seed=a.seed,
+        threads=a.threads, device=a.device, eval_k=a.eval_k, eval_limit=a.eval_limit, resume=a.resume,
+        progress=not a.no_progress,
     )  # fmt: skip
     return cfg, vae_config.to_dict()
 
@@ -267,8 +278,9 @@ def train(cfg: TrainConfig, vae_config: VAEConfig, command: str) -> dict | None:
                 x = binarize(x, gens["noise"])  # dynamic binarisation: a fresh sample every time
             x = x.to(device, non_blocking=True)
             beta = kl_weight(cfg, step, steps_per_epoch)
-            terms = elbo_from_output(model, x, net(x, generator=gens["noise"]))
-            loss = terms.loss(beta)
+            fwd = net(x, generator=gens["noise"], samples=cfg.iwae_k)
+            terms = elbo_from_output(model, x, fwd)
+            loss = terms.loss(beta) if cfg.iwae_k == 1 else -iwae_bound(model, x, fwd, beta).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -81,8 +81,9 @@ class VAEConfig:
 class VAEOutput:
     mu: torch.Tensor  # (B, latent_dim) posterior mean
     logvar: torch.Tensor  # (B, latent_dim) posterior log-variance
-    z: torch.Tensor  # (B, latent_dim) the sample the decoder saw
-    params: torch.Tensor  # (B, P*C, H, W) decoder output: P=1 logits (Bernoulli), P=2 mean-logit+logvar (Gaussian)
+    z: torch.Tensor  # (B, latent_dim) the sample the decoder saw; (S, B, latent_dim) with S samples per example
+    # Decoder output (B, P*C, H, W), or (S, B, P*C, H, W): P=1 logits (Bernoulli), P=2 mean-logit+logvar (Gaussian).
+    params: torch.Tensor
     extra: dict = field(default_factory=dict)
 
 
@@ -182,14 +183,16 @@ class VAE(nn.Module):
         return self.encoder(x)
 
     def reparameterize(
-        self, mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
+        self, mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None, samples: int = 1
     ) -> torch.Tensor:
         """z = mu + sigma * eps, eps ~ N(0, I): a sample that gradients flow through (Kingma & Welling, Sec. 2.4).
 
+        samples > 1 draws that many per example, stacked in front: (samples, B, latent_dim).
         The plain autoencoder has no posterior noise: its code is the mean."""
         if self.config.kind == "ae":
-            return mu
-        return mu + torch.exp(0.5 * logvar) * randn(mu.shape, generator, like=mu)
+            return mu if samples == 1 else mu.expand(samples, *mu.shape)
+        shape = mu.shape if samples == 1 else (samples, *mu.shape)
+        return mu + torch.exp(0.5 * logvar) * randn(shape, generator, like=mu)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (..., latent_dim) -> decoder parameters (..., P*C, H, W)."""
@@ -197,9 +200,9 @@ class VAE(nn.Module):
         params = self.decoder(z.reshape(-1, z.shape[-1]))
         return params.reshape(*lead, *params.shape[1:])
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> VAEOutput:
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, samples: int = 1) -> VAEOutput:
         mu, logvar = self.encode(x)
-        z = self.reparameterize(mu, logvar, generator)
+        z = self.reparameterize(mu, logvar, generator, samples)
         return VAEOutput(mu=mu, logvar=logvar, z=z, params=self.decode(z))
 
     # -- the decoder distribution p(x|z) ---------------------------------------------------------------------------

@@ -3,7 +3,16 @@ import math
 import torch
 
 from model.latent import lerp, manifold_grid, slerp
-from model.losses import active_units, bits_per_dim, elbo, iwae_log_likelihood, kl_divergence, log_normal
+from model.losses import (
+    active_units,
+    bits_per_dim,
+    elbo,
+    elbo_from_output,
+    iwae_bound,
+    iwae_log_likelihood,
+    kl_divergence,
+    log_normal,
+)
 from model.vae import VAE, VAEConfig
 
 
@@ -47,6 +56,27 @@ def test_iwae_is_above_the_elbo_on_average_and_tightens_with_k():
           for k in (1, 10, 200)}  # fmt: skip
     assert abs(ll[1] - elbo_mean) < 1.0  # k=1 is the ELBO itself
     assert elbo_mean <= ll[10] <= ll[200]
+
+
+def test_iwae_training_bound_is_the_likelihood_estimate_with_gradients():
+    model = tiny()
+    x = torch.bernoulli(torch.full((16, 1, 6, 6), 0.3), generator=torch.Generator().manual_seed(0))
+    out = model(x, generator=torch.Generator().manual_seed(3), samples=50)
+    assert out.z.shape == (50, 16, 3) and out.params.shape == (50, 16, 1, 6, 6)
+    bound = iwae_bound(model, x, out)
+    # The same noise through the evaluation path (one chunk) gives the same numbers.
+    ll = iwae_log_likelihood(model, x, k=50, chunk_elems=10**9, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(bound.detach(), ll, atol=1e-4)
+    assert bound.mean().item() >= elbo_from_output(model, x, out).elbo.mean().item()
+    bound.mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    one = model(x, generator=torch.Generator().manual_seed(3))
+    try:
+        iwae_bound(model, x, one)
+    except ValueError as e:
+        assert "samples" in str(e)
+    else:
+        raise AssertionError("a one-sample forward must be refused")
 
 
 def test_iwae_chunking_does_not_change_the_estimate():

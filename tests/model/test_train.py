@@ -44,6 +44,22 @@ def test_loss_falls_on_a_tiny_dataset(tmp_path):
     assert float(rows[-1]["train_elbo"]) > float(rows[0]["train_elbo"]) + 1.0
 
 
+def test_iwae_objective_trains_and_is_recorded(tmp_path):
+    out = make_tiny_checkpoint(tmp_path, "iwae", "--epochs", "6", "--lr", "3e-3", "--lr-schedule", "constant",
+                               "--iwae-k", "4")  # fmt: skip
+    rows = read_csv(out / METRICS_CSV)
+    assert float(rows[-1]["train_elbo"]) > float(rows[0]["train_elbo"]) + 1.0
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["training"]["config"]["iwae_k"] == 4 and "--iwae-k 4" in card["training"]["command"]
+
+
+def test_iwae_k_is_validated(capsys):
+    for bad in (["--iwae-k", "0"], ["--model", "ae", "--iwae-k", "5"]):
+        with pytest.raises(SystemExit):
+            train_main(bad)
+        assert "--iwae-k" in capsys.readouterr().err
+
+
 def test_training_is_deterministic_for_a_seed(tmp_path):
     a = make_tiny_checkpoint(tmp_path / "a", "same")
     b = make_tiny_checkpoint(tmp_path / "b", "same")
