@@ -76,8 +76,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def validate(schema: type[T], data: bytes | dict[str, Any]) -> T:
     try:
-        if isinstance(data, bytes):
-            return schema.model_validate_json(data)
+        if isinstance(data, bytes):  # JSON carries types: strict, so `"seed": false` or `"k": "5"` is a 422
+            return schema.model_validate_json(data, strict=True)
         return schema.model_validate(data)
     except ValidationError as e:
         errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]
@@ -168,10 +168,14 @@ async def _disconnected(request: Request) -> None:
 
 async def run(served: ServedModel, request: Request, settings: Settings, op: str, inputs: Tensors,
               arg: Any = None) -> Tensors:  # fmt: skip
-    """Submit to the model's batcher; the work is withdrawn if the client disconnects first."""
-    return await served.batcher.submit(
+    """Submit to the model's batcher; the work is withdrawn if the client disconnects first. Latents far outside
+    the prior (finite, but huge) can overflow the decoder: that is the request's fault, a 422, never NaN pixels."""
+    out = await served.batcher.submit(
         op, inputs, arg, timeout=settings.request_timeout_s, cancel_on=lambda: _disconnected(request)
     )
+    if op == "decode" and not all(bool(torch.isfinite(t).all()) for t in (inputs["z"], out["image"])):
+        raise InvalidInput("the latents are too large: they or the decoder's output overflow float32")
+    return out
 
 
 # -- responses --------------------------------------------------------------------------------------------------------
