@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -86,6 +87,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.api_key is not None:
         app.add_middleware(APIKeyMiddleware, key=settings.api_key.get_secret_value())
         app.openapi = with_security_schemes(app.openapi)  # type: ignore[method-assign]
+    if settings.cors_origins:
+        # Outside the API key check, so a browser's preflight (which never carries the key) gets its answer.
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+            allow_headers=["Accept", "Authorization", "Content-Type", "X-API-Key"], expose_headers=["Retry-After"],
+        )  # fmt: skip
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(StartupMessage, holder=startup)
     return app

@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="when set, /v1 endpoints need `X-API-Key: <key>` or `Authorization: Bearer <key>`"
     )
+    cors_origins: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        description="browser origins allowed to call the API (CORS), or `*` for any; default: none, CORS off "
+        "(env: comma-separated)",
+    )
     # -- server (used by `python -m service` only) -----------------------------------------------------------
     host: str = Field("127.0.0.1", description="interface to bind")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
@@ -59,9 +64,9 @@ class Settings(BaseSettings):
     access_log: bool = Field(True, description="one log line per request")
     graceful_shutdown_s: float = Field(20.0, gt=0, description="on SIGTERM, the longest wait for requests in flight")
 
-    @field_validator("models", mode="before")
+    @field_validator("models", "cors_origins", mode="before")
     @classmethod
-    def _split_models(cls, value: Any) -> Any:
+    def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()] or None
         return value
