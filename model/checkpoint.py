@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 
 from model.vae import VAE, VAEConfig
 
@@ -130,14 +131,16 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu") -> tu
     expected = weights_info.get("sha256")
     if not expected:
         raise CheckpointError(f"{directory / CARD_FILE} records no sha256 for {weights.name}")
-    actual = sha256_file(weights)
+    # Read once: the bytes hashed are the bytes loaded, even if the file is replaced meanwhile.
+    data = weights.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
         raise CheckpointError(
             f"{weights} does not match its card: sha256 {actual[:12]}... != {expected[:12]}... "
             "(the file is corrupt, truncated or was replaced)"
         )
     try:
-        state = load_file(str(weights))
+        state = load_bytes(data)
     except Exception as e:  # safetensors raises its own error types for malformed headers
         raise CheckpointError(f"{weights} is not a readable safetensors file: {e}") from None
     model = VAE(config)

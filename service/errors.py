@@ -96,6 +96,13 @@ class Overloaded(ServiceError):
     status, code = 503, "overloaded"
 
 
+class OutOfMemory(ServiceError):
+    """507: the device ran out of memory even for a single image (or a single /v1/score request): larger batches
+    are split and retried first, so this means the request itself does not fit."""
+
+    status, code = 507, "out_of_memory"
+
+
 class InferenceTimeout(ServiceError):
     """504: no result within `request_timeout_s`."""
 

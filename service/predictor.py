@@ -22,7 +22,7 @@ from PIL import Image
 from model import checkpoint, latent, losses, preprocess
 from model.vae import VAE, VAEConfig, VAEOutput, randn
 from service import media
-from service.errors import InvalidInput, UnsupportedForModel
+from service.errors import InvalidInput, OutOfMemory, UnsupportedForModel
 
 logger = logging.getLogger("vae_serve")
 
@@ -34,6 +34,13 @@ MERGEABLE_OPS = frozenset({"encode", "decode", "reconstruct"})
 # Half the prior's central 90% interval for 2-D maps (the paper's Fig. 4 spans the prior's inverse CDF); for
 # larger latents the same number of standard deviations along each principal direction of the training codes.
 MANIFOLD_SPAN = 1.645
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a plain RuntimeError)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -206,7 +213,28 @@ class VAEPredictor:
 
     # -- predict (worker thread only) ------------------------------------------------------------------------------
     def predict(self, op: str, inputs: Tensors, arg: Any = None) -> Tensors:
-        """One forward pass for a batch: `inputs` are CPU tensors with a shared leading dimension."""
+        """One forward pass for a batch: `inputs` are CPU tensors with a shared leading dimension.
+
+        A batch of a mergeable op (rows independent) that runs the device out of memory is split in halves and
+        retried, with identical results; OutOfMemory when one image (or an unmergeable call) still does not fit."""
+        try:
+            return self._forward(op, inputs, arg)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+        # Outside the `except`: its traceback holds the failed pass's tensors.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        n = len(next(iter(inputs.values())))
+        if op not in MERGEABLE_OPS or n == 1:
+            what = "a single image" if op in MERGEABLE_OPS else f"{op} of {n} images (send fewer, or a smaller k)"
+            raise OutOfMemory(f"model {self.name!r} ran out of memory on {self.device} for {what}")
+        logger.warning("%s of %d images ran out of memory on %s; retrying in halves", op, n, self.device)
+        halves = [self.predict(op, {k: v[i : i + (n + 1) // 2] for k, v in inputs.items()}, arg)
+                  for i in (0, (n + 1) // 2)]  # fmt: skip
+        return {k: torch.cat([h[k] for h in halves]) for k in halves[0]}
+
+    def _forward(self, op: str, inputs: Tensors, arg: Any) -> Tensors:
         with torch.inference_mode():
             moved = {k: v.to(self.device, self.dtype, non_blocking=True) for k, v in inputs.items()}
             if op == "encode":
