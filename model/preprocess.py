@@ -44,9 +44,14 @@ def pil_to_tensor(image: Image.Image, input_shape: tuple[int, int, int]) -> torc
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, rgba)
     if image.mode.startswith("I;16") or image.mode == "I":
-        # 16-bit grey (PNG): PIL's convert("L") clips at 255 instead of scaling, so scale 0..65535 to 0..255 here.
-        wide = np.asarray(image, dtype=np.float64) / 257.0
-        image = Image.fromarray(np.clip(wide, 0, 255).round().astype(np.uint8))
+        # 16-bit grey (PNG): PIL's convert("L") clips at 255 instead of scaling, so scale 0..65535 to 0..255 here,
+        # to the nearest level: round(v / 257) == (2v + 257) // 514. In place, in 32-bit integers: a 4096x4096
+        # image needs ~100 MB on top of its own, where float64 and its temporaries took ~400 MB.
+        wide = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)
+        wide *= 2
+        wide += 257
+        wide //= 514
+        image = Image.fromarray(wide.astype(np.uint8))
     image = image.convert(mode)
     if image.size != (w, h):
         image = image.resize((w, h), Image.Resampling.BILINEAR)

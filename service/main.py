@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,6 +28,22 @@ DESCRIPTION = """Serves Variational Autoencoders (Kingma & Welling 2014) trained
 Every `/v1` endpoint takes an optional model name (`model`); images go in as multipart uploads (field `image`) or
 JSON (base64 or pixel arrays) and come back as JSON or, by `Accept` / `?format=`, PNG (or GIF for interpolation).
 Errors always have the body `{"detail": "...", "code": "..."}`; see docs/api.md for the table."""
+
+
+M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+MMAP_THRESHOLD = 1 << 20
+
+
+def return_freed_memory() -> bool:
+    """Have glibc serve every allocation of 1 MiB or more with a mapping of its own, given back to the system when
+    freed. Its default threshold rises after the first large free (up to 32 MiB), after which big buffers (request
+    bodies, decoded images) come from per-thread heaps that keep them: a burst of large uploads left the process
+    holding ~1 GB it no longer used (docs/reliability.md). False (and nothing done) without glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
 
 
 class StartupMessage:
@@ -58,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        return_freed_memory()
         try:
             await registry.start()
         except StartupError as e:

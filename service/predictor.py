@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,10 @@ MERGEABLE_OPS = frozenset({"encode", "decode", "reconstruct"})
 # Half the prior's central 90% interval for 2-D maps (the paper's Fig. 4 spans the prior's inverse CDF); for
 # larger latents the same number of standard deviations along each principal direction of the training codes.
 MANIFOLD_SPAN = 1.645
+# Decoding and converting an image this large takes tens to hundreds of MB (a 4096x4096 RGBA upload: ~200 MB), so
+# at most LARGE_DECODES of them run at once in the process: concurrent big uploads wait instead of adding up.
+LARGE_IMAGE_PIXELS = 1024 * 1024
+LARGE_DECODES = threading.BoundedSemaphore(2)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -139,8 +145,10 @@ class VAEPredictor:
     # -- decode_request -------------------------------------------------------------------------------------------
     def image_tensor(self, image: Image.Image, what: str = "image") -> torch.Tensor:
         """An opened image (media.open_image) of any size and mode -> (C, H, W) in [0, 1], converted exactly as
-        training did. Raises InvalidPayload for truncated or corrupt data."""
-        return preprocess.pil_to_tensor(media.load_image(image, what), self.input_shape)
+        training did. Raises InvalidPayload for truncated or corrupt data. Blocks while LARGE_DECODES large images
+        are being converted (call it off the event loop for those)."""
+        with LARGE_DECODES if image.width * image.height > LARGE_IMAGE_PIXELS else nullcontext():
+            return preprocess.pil_to_tensor(media.load_image(image, what), self.input_shape)
 
     def pixels_tensor(self, value: Any, what: str = "pixels") -> torch.Tensor:
         """A pixel array in [0, 1] shaped (C, H, W), (H, W) for one channel, or flat C*H*W -> (C, H, W)."""

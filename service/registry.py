@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ class ModelRegistry:
         self.models: dict[str, ServedModel] = {}
         self.default: str | None = None
         self.ready = False
+        self.max_item_values = 0  # the most numbers in one image or latent of a served model (C*H*W or latent_dim)
         self._executors: dict[str, ThreadPoolExecutor] = {}
 
     async def start(self) -> None:
@@ -102,6 +104,8 @@ class ModelRegistry:
             await self.stop()
             raise
         self.default = s.default_model or next(iter(self.models))
+        self.max_item_values = max(max(math.prod(m.predictor.input_shape), m.predictor.latent_dim)
+                                   for m in self.models.values())  # fmt: skip
         self.ready = True
 
     async def _load(self, name: str, path: Path, device: torch.device, executor: ThreadPoolExecutor) -> None:

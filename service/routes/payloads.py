@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from service import media, multipart
+from service import deps, media, multipart
 from service.errors import (
     ClientDisconnected,
     InvalidInput,
@@ -89,7 +89,19 @@ async def read_json(request: Request, schema: type[T], settings: Settings) -> T:
     kind = media_type(request)
     if kind != JSON and not kind.endswith("+json"):
         raise UnsupportedMediaType(f"send {JSON} (got {kind or 'no Content-Type'})")
-    return validate(schema, await read_body(request, settings.max_request_bytes))
+    return validate(schema, await read_json_body(request, settings))
+
+
+async def read_json_body(request: Request, settings: Settings) -> bytes:
+    """A JSON body, refused before parsing when it has more values than any valid request can: parsed, a number
+    takes ~50 times its bytes, so a 16 MiB body of them would take ~1 GB. Commas count the values (at most two per
+    value, with the arrays around them); base64 has none."""
+    body = await read_body(request, settings.max_request_bytes)
+    per_item = deps.registry(request).max_item_values
+    limit = 2 * per_item * settings.max_images_per_request + 1024
+    if per_item and body.count(b",") > limit:
+        raise InvalidInput(f"the JSON body holds more values than a request can use here (at most ~{limit // 2})")
+    return body
 
 
 async def read_images_request(request: Request, schema: type[T], settings: Settings) -> tuple[T, list[bytes]]:
@@ -114,7 +126,7 @@ async def read_images_request(request: Request, schema: type[T], settings: Setti
                 fields[part.name] = part.data.decode("utf-8", errors="replace")
         return validate(schema, fields), uploads
     if kind == JSON or kind.endswith("+json"):
-        return validate(schema, await read_body(request, settings.max_request_bytes)), []
+        return validate(schema, await read_json_body(request, settings)), []
     raise UnsupportedMediaType(f"send {MULTIPART} (files in field 'image') or {JSON} (got {kind or 'no Content-Type'})")
 
 
