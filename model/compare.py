@@ -21,6 +21,7 @@ from model import checkpoint
 from model.data import default_data_root, fixed_binarized, load_dataset, to_float
 from model.latent import lerp
 from model.losses import elbo
+from model.metrics import posterior, posterior_means
 from model.preprocess import make_grid
 from model.vae import VAE
 
@@ -38,14 +39,6 @@ def gaussian_kl_to_standard(codes: torch.Tensor, posterior_var: torch.Tensor | N
     if posterior_var is not None:
         s = s + torch.diag(posterior_var.double().mean(0))
     return float(0.5 * (torch.trace(s) + m @ m - d - torch.logdet(s)))
-
-
-@torch.no_grad()
-def posterior(model: VAE, x: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Codes (posterior means) and, for a VAE, posterior variances of `x`."""
-    parts = [model.encode(xb) for xb in x.split(batch_size)]
-    mu = torch.cat([p[0] for p in parts])
-    return mu, None if model.config.kind == "ae" else torch.cat([p[1] for p in parts]).exp()
 
 
 def train_classifier(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> nn.Module:
@@ -109,9 +102,9 @@ def compare(ae: VAE, vae: VAE, x_test: torch.Tensor, labels: torch.Tensor | None
     )
     with torch.no_grad():
         samples = {"AE": ae.mean_image(ae.decode(z_ae)), "VAE": vae.mean_image(vae.decode(z))}
-        (ae_mu, _), (vae_mu, vae_var) = posterior(ae, x_test), posterior(vae, x_test)
-        codes = {"AE": ae_mu, "VAE": vae_mu}
-        variances = {"AE": None, "VAE": vae_var}
+        vae_mu, vae_logvar = posterior(vae, x_test)
+        codes = {"AE": posterior_means(ae, x_test), "VAE": vae_mu}
+        variances = {"AE": None, "VAE": vae_logvar.exp()}
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.4), dpi=100)
     for ax, name in zip(axes, ("AE", "VAE"), strict=True):

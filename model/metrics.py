@@ -71,9 +71,15 @@ def dataset_nll(
 
 
 @torch.no_grad()
-def posterior_means(model: VAE, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+def posterior(model: VAE, x: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means and log-variances of `x`, each (N, latent_dim), on the CPU, encoded in batches."""
     device = next(model.parameters()).device
-    return torch.cat([model.encode(xb.to(device))[0].cpu() for xb in _batches(x, batch_size)])
+    parts = [model.encode(xb.to(device)) for xb in _batches(x, batch_size)]
+    return torch.cat([mu.cpu() for mu, _ in parts]), torch.cat([logvar.cpu() for _, logvar in parts])
+
+
+def posterior_means(model: VAE, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    return posterior(model, x, batch_size)[0]
 
 
 @torch.no_grad()
