@@ -4,55 +4,27 @@ checkpoint; the package's own client talks to it; then the server is stopped and
 from __future__ import annotations
 
 import io
-import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
+from e2e_helpers import free_port, models_dir, start_server, wait_ready
 from PIL import Image
 
 from service.client import VAEClient, VAEServiceError
 
 pytestmark = pytest.mark.e2e
-REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_e2e(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    models = tmp_path / "models"
-    models.mkdir()
-    (models / "tiny").symlink_to(tiny_checkpoint, target_is_directory=True)
-    port = free_port()
-    env = {**os.environ, "VAE_DEFAULT_MODEL": "tiny", "VAE_CPU_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "service", "--models-dir", str(models), "--host", "127.0.0.1",
-               "--port", str(port), "--no-access-log"]  # fmt: skip
-    log = tmp_path / "server.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    port, log = free_port(), tmp_path / "server.log"
+    server = start_server(models_dir(tmp_path, tiny_checkpoint), port, log)
     try:
+        wait_ready(server, port, log)
         with VAEClient(f"http://127.0.0.1:{port}", timeout=10) as vae:
-            deadline = time.monotonic() + 60
-            while True:
-                assert server.poll() is None, f"server exited early:\n{log.read_text()}"
-                assert time.monotonic() < deadline, f"not ready in 60 s:\n{log.read_text()}"
-                try:
-                    if vae.ready():
-                        break
-                except httpx.TransportError:  # not listening yet
-                    pass
-                time.sleep(0.1)
-
+            assert vae.ready()
             # A real PNG of another size and mode (RGB 20x12) is converted the way training did.
             rgb = np.zeros((12, 20, 3), dtype=np.uint8)
             rgb[2:8, 4:14] = (200, 220, 180)

@@ -5,11 +5,8 @@ process exits; a bad checkpoint stops it at start with one line and no traceback
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,45 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from e2e_helpers import free_port, models_dir, start_server, wait_ready
 
 from model import checkpoint
 
 pytestmark = pytest.mark.e2e
-REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(models: Path, port: int, log: Path, *flags: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "VAE_DEFAULT_MODEL": "tiny", "VAE_CPU_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "service", "--models-dir", str(models), "--host", "127.0.0.1",
-               "--port", str(port), "--no-access-log", *flags]  # fmt: skip
-    with open(log, "w") as out:
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def wait_ready(server: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        assert server.poll() is None, f"server exited early:\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"not ready in 60 s:\n{log.read_text()}"
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-
-
-def models_dir(tmp_path: Path, tiny_checkpoint: Path) -> Path:
-    models = tmp_path / "models"
-    models.mkdir()
-    (models / "tiny").symlink_to(tiny_checkpoint, target_is_directory=True)
-    return models
 
 
 def decode_body(seed: int) -> tuple[bytes, torch.Tensor]:
@@ -80,7 +43,7 @@ def read_response(sock: socket.socket) -> tuple[int, bytes]:
 def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(tmp_path: Path, tiny_checkpoint: Path) -> None:
     model = checkpoint.load(tiny_checkpoint)[0]
     port, log = free_port(), tmp_path / "server.log"
-    server = start(models_dir(tmp_path, tiny_checkpoint), port, log, "--graceful-shutdown-s", "20")
+    server = start_server(models_dir(tmp_path, tiny_checkpoint), port, log, "--graceful-shutdown-s", "20")
     try:
         wait_ready(server, port, log)
         url = f"http://127.0.0.1:{port}/v1/decode"
@@ -156,7 +119,7 @@ def test_a_bad_checkpoint_stops_the_process_with_one_line(tmp_path: Path, tiny_c
     weights = ckpt / checkpoint.WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:200])  # truncated
     log = tmp_path / "server.log"
-    server = start(models, free_port(), log)
+    server = start_server(models, free_port(), log)
     code = server.wait(timeout=60)
     text = log.read_text()
     assert code != 0, text

@@ -32,10 +32,10 @@ async def serve(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncC
 
 
 # -- images and assertions ---------------------------------------------------------------------------------------------
-def png(array: np.ndarray, fmt: str = "PNG") -> bytes:
-    """uint8 (H, W) or (H, W, C) -> image file bytes."""
+def png(image: np.ndarray | Image.Image, fmt: str = "PNG", **options: Any) -> bytes:
+    """uint8 (H, W) or (H, W, C), or a PIL image -> image file bytes (`options`: PIL's save options)."""
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format=fmt)
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buf, format=fmt, **options)
     return buf.getvalue()
 
 
