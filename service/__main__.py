@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         if style == "bool":
             parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif style == "list":
-            parser.add_argument(_flag(name), nargs="+", default=None, metavar="NAME", help=help_text)
+            metavar = "ORIGIN" if name == "cors_origins" else "NAME"
+            parser.add_argument(_flag(name), nargs="+", default=None, metavar=metavar, help=help_text)
         elif style == "choice":
             parser.add_argument(_flag(name), choices=conv, default=None, help=help_text)
         else:
