@@ -1,0 +1,1 @@
+"""Benchmarks: load generator, in-process limits, serving against peers, training speed (see docs/benchmarks.md)."""
