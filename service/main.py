@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -82,9 +83,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except StartupError as e:
             startup["error"] = str(e)  # the server logs it (see StartupMessage)
             raise
+        # What is alive now (torch, the app, the models: ~200k objects) lives as long as the server. Frozen, the
+        # collector's full passes stop walking it: they took 50-100 ms each under load (docs/benchmarks.md).
+        gc.freeze()
         try:
             yield
         finally:
+            gc.unfreeze()
             await registry.stop()
 
     app = FastAPI(
