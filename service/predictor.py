@@ -18,6 +18,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -149,6 +150,20 @@ class VAEPredictor:
         are being converted (call it off the event loop for those)."""
         with LARGE_DECODES if image.width * image.height > LARGE_IMAGE_PIXELS else nullcontext():
             return preprocess.pil_to_tensor(media.load_image(image, what), self.input_shape)
+
+    def image_input(self, image: Image.Image, what: str = "image") -> np.ndarray | torch.Tensor:
+        """image_tensor, minus its per-image tensor ops for the common upload that is already at the model's mode and
+        size: that one comes back as its uint8 pixels (H, W, C), for stack_images to scale with the rest."""
+        ready = preprocess.ready_pixels(media.load_image(image, what), self.input_shape)
+        return ready if ready is not None else self.image_tensor(image, what)
+
+    @staticmethod
+    def stack_images(parts: list[np.ndarray | torch.Tensor]) -> torch.Tensor:
+        """image_input / image_tensor results, in order -> (N, C, H, W) in [0, 1]."""
+        if all(isinstance(part, np.ndarray) for part in parts):
+            return preprocess.unit_floats(np.stack(parts) if len(parts) > 1 else parts[0][None])
+        return torch.stack([preprocess.unit_floats(part[None])[0] if isinstance(part, np.ndarray) else part
+                            for part in parts])  # fmt: skip
 
     def pixels_tensor(self, value: Any, what: str = "pixels") -> torch.Tensor:
         """A pixel array in [0, 1] shaped (C, H, W), (H, W) for one channel, or flat C*H*W -> (C, H, W)."""

@@ -151,14 +151,14 @@ async def image_inputs(p: VAEPredictor, settings: Settings, uploads: Sequence[by
     else:
         datas = list(uploads)
         names = [f"image {i} (upload)" for i in range(n)]
-    tensors = []
+    parts = []
     for data, name in zip(datas, names, strict=True):
         image = media.open_image(data, settings.max_image_pixels, name)
         if image.width * image.height <= INLINE_PIXELS:
-            tensors.append(p.image_tensor(image, name))
+            parts.append(p.image_input(image, name))
         else:
-            tensors.append(await run_in_threadpool(p.image_tensor, image, name))
-    return torch.stack(tensors)
+            parts.append(await run_in_threadpool(p.image_tensor, image, name))
+    return p.stack_images(parts)
 
 
 def fresh_seed() -> int:

@@ -1,0 +1,45 @@
+"""The hot path's shortcuts give exactly what the general code gives: uploads already at the model's mode and size
+skip pil_to_tensor's tensor ops but not its result."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from service_helpers import digit_like, files, png
+
+from model import preprocess
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_ready_pixels_scale_exactly_as_pil_to_tensor(channels: int) -> None:
+    rng = np.random.default_rng(channels)
+    arrays = [rng.integers(0, 256, size=(16, 16, channels), dtype=np.uint8) for _ in range(3)]
+    arrays[0].reshape(-1)[:256] = np.arange(256)  # every byte value
+    images = [Image.fromarray(a[:, :, 0] if channels == 1 else a) for a in arrays]
+    shape = (channels, 16, 16)
+    expected = torch.stack([preprocess.pil_to_tensor(im, shape) for im in images])
+    got = preprocess.unit_floats(np.stack([preprocess.ready_pixels(im, shape) for im in images]))
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    assert torch.equal(got, expected)
+
+
+def test_ready_pixels_only_when_nothing_to_convert() -> None:
+    grey = Image.fromarray(digit_like(0))  # 8x8 "L"
+    assert preprocess.ready_pixels(grey, (1, 8, 8)) is not None
+    assert preprocess.ready_pixels(grey, (1, 16, 16)) is None  # needs a resize
+    assert preprocess.ready_pixels(grey, (3, 8, 8)) is None  # needs a mode conversion
+    assert preprocess.ready_pixels(grey.convert("LA"), (1, 8, 8)) is None  # transparency to composite
+
+
+async def test_mixed_uploads_keep_their_order(client, tiny_model) -> None:
+    """Uploads at the model's size (fast path) and others (pil_to_tensor) in one request, in order."""
+    small, large = digit_like(1), np.kron(digit_like(2), np.ones((2, 2), dtype=np.uint8))
+    r = await client.post("/v1/encode", files=files(png(small), png(large), png(small)))
+    assert r.status_code == 200, r.text
+    x = torch.stack([preprocess.pil_to_tensor(Image.fromarray(a), (1, 8, 8)) for a in (small, large, small)])
+    mu, _ = tiny_model.encode(x)
+    torch.testing.assert_close(torch.tensor([res["mu"] for res in r.json()["results"]]), mu, atol=1e-5, rtol=1e-5)
