@@ -141,34 +141,46 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         watcher: asyncio.Future[Any] | None = None
+        timer: asyncio.TimerHandle
+
+        def fail(error: Exception) -> None:
+            if not joined.done():
+                joined.set_exception(error)  # the worker skips items whose future is done: withdrawn
+
+        def time_out() -> None:
+            fail(InferenceTimeout(f"no result from model {self.name!r} within {timeout:g} s"))
+
+        def on_disconnect(watch: asyncio.Future[Any]) -> None:
+            if not watch.cancelled():
+                watch.exception()  # retrieved: a watch that failed counts as a disconnect too
+                fail(ClientDisconnected("the client disconnected before the result was ready"))
+
+        def watch_client() -> None:
+            # Most requests are answered within a forward pass or two: only those still waiting after WATCH_AFTER_S
+            # get a task watching for the client going away, and a timer for the rest of the timeout.
+            nonlocal timer, watcher
+            assert cancel_on is not None
+            watcher = asyncio.ensure_future(cancel_on())
+            watcher.add_done_callback(on_disconnect)
+            timer = loop.call_at(deadline, time_out)
+
+        # One timer per request: a plain await on the result otherwise (asyncio.wait costs several times more).
+        if cancel_on is not None and timeout > WATCH_AFTER_S:
+            timer = loop.call_later(WATCH_AFTER_S, watch_client)
+        else:
+            timer = loop.call_later(timeout, time_out)
         try:
-            # Most requests are answered within a forward pass or two: only those still waiting after
-            # WATCH_AFTER_S get a task watching for the client going away.
-            first_wait = timeout if cancel_on is None else min(timeout, WATCH_AFTER_S)
-            done, _ = await asyncio.wait({joined}, timeout=first_wait)
-            if not done and cancel_on is not None and loop.time() < deadline:
-                watcher = asyncio.ensure_future(cancel_on())
-                remaining = max(0.0, deadline - loop.time())
-                done, _ = await asyncio.wait({joined, watcher}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            self._withdraw(futures)
-            raise
-        finally:
-            if watcher is not None and not watcher.done():
-                watcher.cancel()
-        if joined not in done:
-            self._withdraw(futures)
-            joined.cancel()
-            if watcher is not None and watcher in done:
-                raise ClientDisconnected("the client disconnected before the result was ready")
-            raise InferenceTimeout(f"no result from model {self.name!r} within {timeout:g} s")
-        if len(futures) == 1:
-            return futures[0].result()
-        try:
-            parts: list[Tensors] = joined.result()
+            result = await joined
         except BaseException:
             self._withdraw(futures)
             raise
+        finally:
+            timer.cancel()
+            if watcher is not None and not watcher.done():
+                watcher.cancel()
+        if len(futures) == 1:
+            return result  # type: ignore[no-any-return]
+        parts: list[Tensors] = result
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     @staticmethod
@@ -249,7 +261,7 @@ class MicroBatcher:
         withdrawn since the batch formed: it is dropped before the forward runs)."""
         results: list[list[Tensors | None] | BaseException] = []
         for items in calls:
-            live = [item for item in items if not item.future.cancelled()]
+            live = [item for item in items if not item.future.done()]  # done already: withdrawn since queued
             if not live:
                 results.append([None] * len(items))
                 continue
