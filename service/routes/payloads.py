@@ -7,6 +7,7 @@ import random
 from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
+import pydantic_core
 import torch
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -226,6 +227,12 @@ def negotiate(request: Request, fmt: str | None, allowed: tuple[str, ...]) -> st
 
 def json_response(body: BaseModel) -> Response:
     return Response(body.model_dump_json(exclude_none=True), media_type=JSON)
+
+
+def json_fields_response(fields: dict[str, Any]) -> Response:
+    """json_response for a hot route's body given as the fields of its schema, in order and without None: the same
+    bytes (the same serializer) without building and validating the pydantic objects first."""
+    return Response(pydantic_core.to_json(fields, inf_nan_mode="null"), media_type=JSON)
 
 
 async def png_response(image: Image.Image) -> Response:

@@ -20,6 +20,7 @@ from service.routes.payloads import (
     image_responses,
     images_body,
     json_body,
+    json_fields_response,
     json_response,
     negotiate,
     png_response,
@@ -36,7 +37,6 @@ from service.schemas import (
     InterpolateRequest,
     InterpolateResponse,
     ManifoldResponse,
-    Posterior,
     ReconstructRequest,
     ReconstructResponse,
     SampleResponse,
@@ -74,10 +74,10 @@ async def encode_images(request: Request) -> Response:
         seed = req.seed if req.seed is not None else fresh_seed()
         inputs["eps"] = p.noise(len(x), generator(seed))
     out = await run(served, request, settings, "encode", inputs)
-    mus, logvars = out["mu"].tolist(), out["logvar"].tolist()
-    zs = out["z"].tolist() if "z" in out else [None] * len(mus)
-    results = [Posterior(mu=m, logvar=v, z=z) for m, v, z in zip(mus, logvars, zs, strict=True)]
-    return json_response(EncodeResponse(model=p.name, latent_dim=p.latent_dim, seed=seed, results=results))
+    keys = [k for k in ("mu", "logvar", "z") if k in out]  # Posterior's fields
+    results = [dict(zip(keys, row, strict=True)) for row in zip(*(out[k].tolist() for k in keys), strict=True)]
+    seeded = {} if seed is None else {"seed": seed}
+    return json_fields_response({"model": p.name, "latent_dim": p.latent_dim, **seeded, "results": results})
 
 
 @router.post(

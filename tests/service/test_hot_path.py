@@ -1,5 +1,5 @@
 """The hot path's shortcuts give exactly what the general code gives: uploads already at the model's mode and size
-skip pil_to_tensor's tensor ops but not its result."""
+skip pil_to_tensor's tensor ops but not its result, and the encode answer is the schema's own JSON."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from PIL import Image
 from service_helpers import digit_like, files, png
 
 from model import preprocess
+from service.schemas import EncodeResponse
 
 pytestmark = pytest.mark.anyio
 
@@ -43,3 +44,10 @@ async def test_mixed_uploads_keep_their_order(client, tiny_model) -> None:
     x = torch.stack([preprocess.pil_to_tensor(Image.fromarray(a), (1, 8, 8)) for a in (small, large, small)])
     mu, _ = tiny_model.encode(x)
     torch.testing.assert_close(torch.tensor([res["mu"] for res in r.json()["results"]]), mu, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("form", [{}, {"sample": "true", "seed": "3"}])
+async def test_encode_answer_is_the_schema_json(client, form: dict[str, str]) -> None:
+    r = await client.post("/v1/encode", files=files(png(digit_like(0)), png(digit_like(1))), data=form)
+    assert r.status_code == 200, r.text
+    assert r.content == EncodeResponse.model_validate_json(r.content).model_dump_json(exclude_none=True).encode()
