@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from service import deps
 from service.errors import InvalidInput
+from service.routes.direct import DirectRoute
 from service.routes.payloads import (
     ERRORS,
     fresh_seed,
@@ -46,7 +47,7 @@ from service.schemas import (
     Seed,
 )
 
-router = APIRouter(prefix="/v1", tags=["vae"])
+router = APIRouter(prefix="/v1", tags=["vae"], route_class=DirectRoute)
 
 ModelQuery = Annotated[
     str | None, Query(description="served model name (default: the server's default)", examples=["mnist"])

@@ -1,15 +1,20 @@
 """The hot path's shortcuts give exactly what the general code gives: uploads already at the model's mode and size
-skip pil_to_tensor's tensor ops but not its result, and the encode answer is the schema's own JSON."""
+skip pil_to_tensor's tensor ops but not its result, the encode answer is the schema's own JSON, and request-only
+routes skip FastAPI's dependency solving only when nothing needs solving."""
 
 from __future__ import annotations
 
+import httpx
 import numpy as np
 import pytest
 import torch
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
 from PIL import Image
 from service_helpers import digit_like, files, png
 
 from model import preprocess
+from service.routes import vae
+from service.routes.direct import DirectRoute
 from service.schemas import EncodeResponse
 
 pytestmark = pytest.mark.anyio
@@ -51,3 +56,30 @@ async def test_encode_answer_is_the_schema_json(client, form: dict[str, str]) ->
     r = await client.post("/v1/encode", files=files(png(digit_like(0)), png(digit_like(1))), data=form)
     assert r.status_code == 200, r.text
     assert r.content == EncodeResponse.model_validate_json(r.content).model_dump_json(exclude_none=True).encode()
+
+
+def test_encode_and_score_are_called_directly_and_the_rest_through_fastapi() -> None:
+    direct = {route.path: route.get_route_handler() is route.endpoint for route in vae.router.routes}
+    assert direct["/v1/encode"] and direct["/v1/score"]
+    assert not direct["/v1/sample"] and not direct["/v1/decode"]  # query parameters to resolve
+
+
+async def test_a_dependency_of_an_including_router_is_honoured() -> None:
+    calls = []
+
+    async def guard() -> None:
+        calls.append(1)
+        raise HTTPException(403, "no")
+
+    inner = APIRouter(route_class=DirectRoute)
+
+    @inner.post("/echo")
+    async def echo(request: Request) -> Response:
+        return Response(await request.body())
+
+    app = FastAPI()
+    app.include_router(inner, prefix="/guarded", dependencies=[Depends(guard)])
+    app.include_router(inner, prefix="/open")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        assert (await client.post("/guarded/echo", content=b"x")).status_code == 403 and calls == [1]
+        assert (await client.post("/open/echo", content=b"x")).content == b"x"
