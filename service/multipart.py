@@ -8,7 +8,9 @@ give the same parts for canonical bodies (tests/service/test_multipart.py).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -16,6 +18,9 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from service.errors import InvalidInput, InvalidPayload
 
 Raw = tuple[list[tuple[bytes, bytes]], bytes]  # (headers as (lower-case name, value), data)
+# What clients write for a part: parsed by one match; anything else (quotes or backslashes inside a value, other
+# parameters, RFC 2231 names) goes through python-multipart's header parser.
+SIMPLE_DISPOSITION = re.compile(rb'form-data; name="([^"\\]*)"(?:; filename="([^"\\]*)")?')
 
 
 @dataclass
@@ -26,6 +31,7 @@ class Part:
     data: bytes
 
 
+@lru_cache(maxsize=256)  # a client sends the same Content-Type with every request
 def boundary_of(content_type: str) -> bytes:
     _, options = parse_options_header(content_type)
     boundary = options.get(b"boundary")
@@ -120,12 +126,16 @@ def _part(headers: list[tuple[bytes, bytes]], data: bytes) -> Part:
             disposition = value
         elif name == b"content-type":
             content_type = value.decode("latin-1")
-    params = parse_options_header(disposition)[1] if disposition else {}
-    if b"name" not in params:
-        raise InvalidPayload("a multipart part has no name in its Content-Disposition")
-    filename = params.get(b"filename")
+    simple = SIMPLE_DISPOSITION.fullmatch(disposition) if disposition else None
+    if simple is not None:
+        name, filename = simple.group(1, 2)
+    else:
+        params = parse_options_header(disposition)[1] if disposition else {}
+        if b"name" not in params:
+            raise InvalidPayload("a multipart part has no name in its Content-Disposition")
+        name, filename = params[b"name"], params.get(b"filename")
     return Part(
-        params[b"name"].decode("utf-8", errors="replace"),
+        name.decode("utf-8", errors="replace"),
         None if filename is None else filename.decode("utf-8", errors="replace"),
         content_type,
         data,

@@ -1,6 +1,7 @@
 """The hot path's shortcuts give exactly what the general code gives: uploads already at the model's mode and size
-skip pil_to_tensor's tensor ops but not its result, the encode answer is the schema's own JSON, and request-only
-routes skip FastAPI's dependency solving only when nothing needs solving."""
+skip pil_to_tensor's tensor ops but not its result, the encode answer is the schema's own JSON, request-only routes
+skip FastAPI's dependency solving only when nothing needs solving, and simple multipart headers parse as
+python-multipart parses them."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ import numpy as np
 import pytest
 import torch
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
+from python_multipart.multipart import parse_options_header
 from service_helpers import digit_like, files, png
 
 from model import preprocess
+from service.multipart import SIMPLE_DISPOSITION
 from service.routes import vae
 from service.routes.direct import DirectRoute
 from service.schemas import EncodeResponse
@@ -83,3 +88,15 @@ async def test_a_dependency_of_an_including_router_is_honoured() -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
         assert (await client.post("/guarded/echo", content=b"x")).status_code == 403 and calls == [1]
         assert (await client.post("/open/echo", content=b"x")).content == b"x"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(st.characters(codec="latin-1", exclude_characters='"\\\r\n'), max_size=12),
+       st.one_of(st.none(), st.text(st.characters(codec="latin-1", exclude_characters='"\\\r\n'), max_size=12)))
+def test_simple_content_disposition_parses_as_python_multipart(name: str, filename: str | None) -> None:
+    header = f'form-data; name="{name}"' + ("" if filename is None else f'; filename="{filename}"')
+    raw = header.encode("latin-1")
+    match = SIMPLE_DISPOSITION.fullmatch(raw)
+    assert match is not None
+    params = parse_options_header(raw)[1]
+    assert match.group(1, 2) == (params[b"name"], params.get(b"filename"))
