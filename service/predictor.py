@@ -160,9 +160,10 @@ class VAEPredictor:
     @staticmethod
     def stack_images(parts: list[np.ndarray | torch.Tensor]) -> torch.Tensor:
         """image_input / image_tensor results, in order -> (N, C, H, W) in [0, 1]."""
-        if all(isinstance(part, np.ndarray) for part in parts):
-            return preprocess.unit_floats(np.stack(parts) if len(parts) > 1 else parts[0][None])
-        return torch.stack([preprocess.unit_floats(part[None])[0] if isinstance(part, np.ndarray) else part
+        arrays = [part for part in parts if isinstance(part, np.ndarray)]
+        if len(arrays) == len(parts):
+            return preprocess.unit_floats(np.stack(arrays) if len(arrays) > 1 else arrays[0][None])
+        return torch.stack([part if isinstance(part, torch.Tensor) else preprocess.unit_floats(part[None])[0]
                             for part in parts])  # fmt: skip
 
     def pixels_tensor(self, value: Any, what: str = "pixels") -> torch.Tensor:
