@@ -1,0 +1,151 @@
+"""The in-process limit: what the served model does without HTTP. Images/s of encode, decode and reconstruct at
+batch 1, 8, 64 and 256 through the server's own predictor (service.predictor.VAEPredictor.predict, the call its
+worker thread makes), the cost per image of turning a PNG upload into the model's input (the server's path:
+media.open_image, VAEPredictor.image_input, stack_images) and of turning an output into a base64 PNG, and the bulk
+pipeline (256 PNGs decoded, then one forward pass): the ceiling for a bulk /v1/encode request.
+
+    python bench/inprocess.py --checkpoint checkpoints/mnist                 # torch's default threads, as served
+    python bench/inprocess.py --checkpoint checkpoints/mnist --threads 1
+    python bench/inprocess.py --checkpoint checkpoints/mnist --device cuda   # skips cleanly without CUDA
+
+Each figure is the best of --rounds rounds, a round being as many calls as fit in --seconds (at least one, at most
+--max-calls), so a run takes about rounds x seconds x rows. Prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench import loadgen  # noqa: E402
+from service import media  # noqa: E402
+from service.predictor import VAEPredictor, resolve_device  # noqa: E402
+
+BATCHES = (1, 8, 64, 256)
+OPS = ("encode", "decode", "reconstruct")
+
+
+@dataclass
+class Timing:
+    label: str
+    batch: int
+    seconds_per_call: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.batch / self.seconds_per_call
+
+    @property
+    def us_per_image(self) -> float:
+        return self.seconds_per_call / self.batch * 1e6
+
+
+def best_seconds_per_call(fn: Callable[[], object], seconds: float, rounds: int, max_calls: int) -> float:
+    """The fastest round's time per call (rounds of as many calls as fit in `seconds`)."""
+    fn()  # warm-up: lazy initialisation, allocator
+    best = float("inf")
+    for _ in range(rounds):
+        calls = 0
+        started = time.perf_counter()
+        while True:
+            fn()
+            calls += 1
+            elapsed = time.perf_counter() - started
+            if elapsed >= seconds or calls >= max_calls:
+                break
+        best = min(best, elapsed / calls)
+    return best
+
+
+def load_predictor(checkpoint: str | Path, device: str = "cpu", threads: int | None = None) -> VAEPredictor:
+    """The checkpoint as the server loads it; `threads` as the server's --cpu-threads (None: torch's choice)."""
+    if threads:
+        torch.set_num_threads(threads)
+    path = Path(checkpoint).resolve()
+    predictor = VAEPredictor.load(path.name, path, resolve_device(device))
+    predictor.warmup()
+    return predictor
+
+
+def forward_inputs(p: VAEPredictor, op: str, n: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand((n, *p.input_shape), generator=generator)
+    if op == "decode":
+        return {"z": p.noise(n, generator)}
+    if op == "reconstruct":
+        return {"x": x, "eps": p.noise(n, generator)}
+    return {"x": x}
+
+
+def upload_tensor(p: VAEPredictor, uploads: list[bytes], max_pixels: int = 4096 * 4096) -> torch.Tensor:
+    """The server's decode_request for uploaded files (routes/payloads.image_inputs, small images)."""
+    return p.stack_images([p.image_input(media.open_image(data, max_pixels), "image") for data in uploads])
+
+
+def measure(p: VAEPredictor, png: bytes, seconds: float, rounds: int, max_calls: int,
+            batches: tuple[int, ...] = BATCHES) -> list[Timing]:  # fmt: skip
+    """Every row of the table, in order."""
+
+    def timed(label: str, batch: int, fn: Callable[[], object]) -> Timing:
+        return Timing(label, batch, best_seconds_per_call(fn, seconds, rounds, max_calls))
+
+    rows = []
+    for op in OPS:
+        for n in batches:
+            inputs = forward_inputs(p, op, n)
+            rows.append(timed(f"{op} forward", n, lambda op=op, inputs=inputs: p.predict(op, inputs)))
+    for n in (1, max(batches)):
+        rows.append(timed("PNG upload -> input tensor", n, lambda n=n: upload_tensor(p, [png] * n)))
+    images = p.predict("decode", forward_inputs(p, "decode", max(batches)))["image"]
+    rows.append(timed("output -> base64 PNG", 1, lambda: media.png_base64(p.to_pil(images[:1])[0])))
+    rows.append(bulk_limit(p, png, max(batches), seconds, rounds, max_calls))
+    return rows
+
+
+def bulk_limit(p: VAEPredictor, png: bytes, n: int = 256, seconds: float = 0.3, rounds: int = 3,
+               max_calls: int = 100_000) -> Timing:  # fmt: skip
+    """The in-process ceiling of a bulk /v1/encode request of n PNGs (decode them, one forward pass)."""
+    uploads = [png] * n
+    fn = lambda: p.predict("encode", {"x": upload_tensor(p, uploads)})  # noqa: E731
+    return Timing("bulk encode: PNGs -> input -> forward", n, best_seconds_per_call(fn, seconds, rounds, max_calls))
+
+
+def report(rows: list[Timing]) -> str:
+    cells = [[r.label, r.batch, f"{r.images_per_s:,.0f}", f"{r.us_per_image:.2f}"] for r in rows]
+    return loadgen.table(["what", "batch", "images/s", "µs/image"], cells)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p.add_argument("--checkpoint", default="checkpoints/mnist", help="checkpoint directory")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (CUDA absent: prints why and skips)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, as served)")
+    p.add_argument("--seconds", type=float, default=0.3, help="length of one timing round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per figure (the best is kept)")
+    p.add_argument("--max-calls", type=int, default=100_000, help="most calls in one round")
+    p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"skipped: --device {args.device} but CUDA is not available on this machine")
+        return
+    predictor = load_predictor(args.checkpoint, args.device, args.threads)
+    c, h, w = predictor.input_shape
+    png = loadgen.digit_png((w, h), c)
+    rows = measure(predictor, png, args.seconds, args.rounds, args.max_calls, tuple(args.batches))
+    device = torch.cuda.get_device_name(predictor.device) if predictor.device.type == "cuda" else "CPU"
+    print(f"\n{predictor.name} on {device}, torch threads {torch.get_num_threads()}, {len(png)}-byte PNG; "
+          f"{loadgen.machine()}\n")  # fmt: skip
+    print(report(rows))
+
+
+if __name__ == "__main__":
+    main()

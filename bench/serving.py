@@ -1,0 +1,283 @@
+"""The service under load, side by side with the alternatives, on loopback: single-image `POST /v1/encode` (a PNG
+upload) and `GET /v1/sample?n=1` from 1, 16, 64 and 256 concurrent clients, `GET /healthz` at 64 (each server's
+HTTP-stack ceiling), and bulk encode requests of 256 PNGs against the in-process limit, for
+
+    ours          python -m service, as configured by default (batching on), access log off
+    ours-nobatch  the same with --no-batching
+    plain         bench/peers/plain_fastapi.py: the FastAPI app people write by hand, one forward per request
+    litserve      bench/peers/litserve_app.py: LitServe with its batching on (max_batch_size 64)
+
+all serving the same checkpoint and measured by the same load generator (bench/loadgen.py) in the same run, one
+server at a time, the servers interleaved cell by cell so that a busy moment hits all of them alike.
+
+    python bench/serving.py --checkpoint checkpoints/mnist                       # about 4 minutes
+    python bench/serving.py --checkpoint checkpoints/mnist --repeat 3            # medians of 3 runs
+    python bench/serving.py --servers ours plain --clients 64 --duration 3       # a quick look
+    python bench/serving.py --device cuda --servers ours ours-nobatch            # skips cleanly without CUDA
+
+The peers run in their own environment, .bench-venv/ (torch==2.13.0 first, then bench/peers/requirements.txt),
+made on first use. Every run is bounded by --duration seconds and --requests answers. Prints one table (medians
+over --repeat runs) and the issue's targets computed from it. "server CPU" is the CPU time of the server's whole
+process tree per answered request: the least noisy figure on a busy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import loadgen  # noqa: E402
+
+REPO = loadgen.REPO
+VENV = REPO / ".bench-venv"
+PEERS = REPO / "bench" / "peers"
+SERVERS = ("ours", "ours-nobatch", "plain", "litserve")
+CLIENTS = (1, 16, 64, 256)
+
+
+# -- the peers' environment --------------------------------------------------------------------------------------------
+def venv_python() -> Path:
+    return VENV / "bin" / "python"
+
+
+def ensure_venv() -> Path:
+    """.bench-venv with torch==2.13.0 and the peers' requirements; rebuilt when requirements.txt changes."""
+    requirements = PEERS / "requirements.txt"
+    stamp = VENV / ".requirements.sha256"
+    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()
+    if stamp.is_file() and stamp.read_text() == digest and venv_python().is_file():
+        return venv_python()
+    print(f"making the peers' environment in {VENV} (once) ...", flush=True)
+    pip = [str(venv_python()), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    subprocess.run([*pip, "torch==2.13.0"], check=True)  # first and pinned: never a CUDA build pulled in by a peer
+    subprocess.run([*pip, "-r", str(requirements)], check=True)
+    stamp.write_text(digest)
+    return venv_python()
+
+
+# -- servers -----------------------------------------------------------------------------------------------------------
+def server_command(name: str, args: argparse.Namespace, port: int) -> tuple[list[str], dict[str, str]]:
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    env = {"PYTHONPATH": str(REPO)}
+    if name in ("ours", "ours-nobatch"):
+        flags = ["--device", args.device, "--max-images-per-request", str(args.bulk_images)]
+        flags += ["--cpu-threads", str(args.threads)] if args.threads else []
+        flags += ["--no-batching"] if name == "ours-nobatch" else []
+        return loadgen.service_command(args.checkpoint, port, *flags), env
+    script = {"plain": "plain_fastapi.py", "litserve": "litserve_app.py"}[name]
+    command = [str(venv_python()), str(PEERS / script), "--checkpoint", str(Path(args.checkpoint).resolve()),
+               "--port", str(port), *threads]  # fmt: skip
+    if name == "litserve":
+        command += ["--batch-timeout", str(args.litserve_batch_timeout)]
+    return command, env
+
+
+def requests_for(name: str, port: int, png: bytes, bulk_images: int) -> dict[str, bytes]:
+    """The same load for every server. LitServe serves POST only: its sample is `POST {"n": 1}`."""
+    if name == "litserve":
+        body = b'{"n": 1}'
+        sample = (f"POST /v1/sample HTTP/1.1\r\nHost: {loadgen.HOST}:{port}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n").encode() + body  # fmt: skip
+    else:
+        sample = loadgen.get_request(port, "/v1/sample?n=1")
+    return {
+        "encode": loadgen.multipart_request(port, "/v1/encode", [png]),
+        "sample?n=1": sample,
+        "healthz": loadgen.get_request(port, "/healthz"),
+        "bulk encode": loadgen.multipart_request(port, "/v1/encode", [png] * bulk_images),
+    }
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by `pid` and every process below it (LitServe runs several), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = defaultdict(list)
+    used: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children[int(fields[1])].append(int(entry.name))
+        used[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += used.get(p, 0.0)
+        todo += children.get(p, [])
+    return total
+
+
+# -- the runs ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Cell:
+    """One (scenario, clients, server) cell: one load run per repeat."""
+
+    results: list[loadgen.Result] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)
+
+    def median(self, value: str) -> float:
+        pick = {"rps": lambda r: r.rps, "p50": lambda r: r.percentile(50), "p90": lambda r: r.percentile(90),
+                "p99": lambda r: r.percentile(99)}[value]  # fmt: skip
+        return loadgen.median([pick(r) for r in self.results])
+
+
+def run_cell(server: loadgen.Server, request: bytes, clients: int, args: argparse.Namespace,
+             requests: int) -> tuple[loadgen.Result, float]:  # fmt: skip
+    loadgen.run(server.port, request, clients, max(clients, 200), args.warmup)
+    before = tree_cpu_seconds(server.pid)
+    result = loadgen.run(server.port, request, clients, requests, args.duration)
+    cpu = (tree_cpu_seconds(server.pid) - before) / max(1, result.requests) * 1e6
+    return result, cpu
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, int]]:
+    cells = [(scenario, c) for scenario in ("encode", "sample?n=1") for c in args.clients]
+    cells.append(("healthz", 64))
+    cells += [("bulk encode", c) for c in args.bulk_clients]
+    return cells
+
+
+def run_all(args: argparse.Namespace, png: bytes) -> dict[tuple[str, int, str], Cell]:
+    cells: dict[tuple[str, int, str], Cell] = defaultdict(Cell)
+    servers: dict[str, loadgen.Server] = {}
+    try:
+        for name in args.servers:
+            port = loadgen.free_port()
+            command, env = server_command(name, args, port)
+            ready = "/readyz" if name.startswith("ours") else "/healthz"
+            print(f"starting {name} on port {port} ...", flush=True)
+            servers[name] = loadgen.Server(name, command, port, ready, env=env)
+        for repeat in range(args.repeat):
+            for scenario, clients in plan(args):
+                for name, server in servers.items():
+                    if scenario == "bulk encode" and not name.startswith("ours"):
+                        continue
+                    request = requests_for(name, server.port, png, args.bulk_images)[scenario]
+                    budget = args.requests if scenario != "bulk encode" else max(1, args.requests // args.bulk_images)
+                    result, cpu = run_cell(server, request, clients, args, budget)
+                    cell = cells[(scenario, clients, name)]
+                    cell.results.append(result)
+                    cell.cpu_us.append(cpu)
+                    print(f"  [{repeat + 1}/{args.repeat}] {scenario:11s} {clients:4d} clients {name:13s} "
+                          f"{result.rps:8.0f} req/s  p99 {result.percentile(99):7.1f} ms  errors {result.errors}",
+                          flush=True)  # fmt: skip
+    finally:
+        for server in servers.values():
+            server.stop()
+    return cells
+
+
+# -- the report --------------------------------------------------------------------------------------------------------
+def report(cells: dict[tuple[str, int, str], Cell], bulk_images: int) -> str:
+    rows = []
+    for (scenario, clients, name), cell in cells.items():
+        rps = cell.median("rps")
+        shown = f"{rps:,.0f}" if scenario != "bulk encode" else f"{rps:,.1f} ({rps * bulk_images:,.0f} img/s)"
+        rows.append([scenario, clients, name, sum(r.requests for r in cell.results),
+                     sum(r.errors for r in cell.results), shown, f"{cell.median('p50'):.1f}",
+                     f"{cell.median('p90'):.1f}", f"{cell.median('p99'):.1f}",
+                     f"{loadgen.median(cell.cpu_us):,.0f}"])  # fmt: skip
+    headers = ["load", "clients", "server", "requests", "errors", "req/s", "p50 ms", "p90 ms", "p99 ms",
+               "server CPU µs/req"]  # fmt: skip
+    return loadgen.table(headers, rows, "lrlrrrrrrr")
+
+
+def targets(cells: dict[tuple[str, int, str], Cell], limit_images_per_s: float | None, bulk_images: int) -> list[str]:
+    """The issue's targets, each with the measured figures behind it (cells that did not run are left out)."""
+
+    def get(scenario: str, clients: int, name: str) -> Cell | None:
+        return cells.get((scenario, clients, name))
+
+    lines = []
+    ours, plain, lit = (get("encode", 64, n) for n in ("ours", "plain", "litserve"))
+    if ours is not None:
+        for peer, cell in (("plain FastAPI", plain), ("LitServe", lit)):
+            if cell is not None:
+                ratio = ours.median("rps") / cell.median("rps")
+                p99_ok = ours.median("p99") < cell.median("p99")
+                lines.append(f"encode at 64 clients, ours vs {peer}: {ratio:.2f}x the req/s (target >= 2x: "
+                             f"{'met' if ratio >= 2 else 'missed'}); p99 {ours.median('p99'):.1f} vs "
+                             f"{cell.median('p99'):.1f} ms (target below: {'met' if p99_ok else 'missed'})")
+        health = get("healthz", 64, "ours")
+        if health is not None:
+            share = ours.median("rps") / health.median("rps")
+            lines.append(f"encode at 64 clients vs the same server's /healthz: {share:.0%} ({ours.median('rps'):,.0f} "
+                         f"vs {health.median('rps'):,.0f} req/s; target >= 70%: "
+                         f"{'met' if share >= 0.7 else 'missed'})")  # fmt: skip
+    ours1, plain1 = get("encode", 1, "ours"), get("encode", 1, "plain")
+    if ours1 is not None and plain1 is not None:
+        ratio = ours1.median("p50") / plain1.median("p50")
+        verdict = "met" if ratio <= 1.5 else "missed"
+        lines.append(f"encode at 1 client, p50 ours vs plain: {ours1.median('p50'):.2f} vs "
+                     f"{plain1.median('p50'):.2f} ms = {ratio:.2f}x (target <= 1.5x: {verdict})")
+    if limit_images_per_s:
+        for (scenario, clients, name), cell in cells.items():
+            if scenario == "bulk encode" and name == "ours":
+                share = cell.median("rps") * bulk_images / limit_images_per_s
+                lines.append(f"bulk encode ({bulk_images} PNGs per request, {clients} client(s)): "
+                             f"{cell.median('rps') * bulk_images:,.0f} images/s = {share:.0%} of the in-process "
+                             f"limit {limit_images_per_s:,.0f} (target >= 60%: {'met' if share >= 0.6 else 'missed'})")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p.add_argument("--checkpoint", default="checkpoints/mnist", help="checkpoint directory every server serves")
+    p.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
+    p.add_argument("--clients", type=int, nargs="+", default=list(CLIENTS), help="concurrent clients per run")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per run (after --warmup)")
+    p.add_argument("--requests", type=int, default=30000, help="most answers per run")
+    p.add_argument("--warmup", type=float, default=0.5, help="seconds of unmeasured load before each run")
+    p.add_argument("--repeat", type=int, default=1, help="run everything this many times; the table shows medians")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for every server (default: torch's choice, as ours is by default)")
+    p.add_argument("--bulk-images", type=int, default=256, help="PNGs per bulk encode request")
+    p.add_argument("--bulk-clients", type=int, nargs="*", default=[1, 4], help="clients for the bulk runs")
+    p.add_argument("--litserve-batch-timeout", type=float, default=0.005, help="LitServe's batch_timeout (s)")
+    p.add_argument("--device", default="cpu", help="device for ours (cuda: the peers are left out)")
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"skipped: --device {args.device} but CUDA is not available on this machine")
+            return
+        args.servers = [s for s in args.servers if s.startswith("ours")]
+    if any(not s.startswith("ours") for s in args.servers):
+        ensure_venv()
+    from bench import inprocess
+
+    predictor = inprocess.load_predictor(args.checkpoint, args.device, args.threads)
+    c, h, w = predictor.input_shape
+    png = loadgen.digit_png((w, h), c)
+    limit = inprocess.bulk_limit(predictor, png, args.bulk_images) if args.bulk_clients else None
+    del predictor
+    started = time.monotonic()
+    cells = run_all(args, png)
+    print(f"\n{Path(args.checkpoint).resolve().name}, {len(png)}-byte PNG, torch threads "
+          f"{args.threads or 'default'}, {args.duration:g} s per run, {args.repeat} repeat(s), "
+          f"{time.monotonic() - started:.0f} s in all; {loadgen.machine()}\n")  # fmt: skip
+    print(report(cells, args.bulk_images))
+    if limit is not None:
+        print(f"\nin-process limit, bulk encode of {limit.batch} PNGs (decode + one forward): "
+              f"{limit.images_per_s:,.0f} images/s")
+    print("\n" + "\n".join(f"- {line}" for line in targets(cells, limit.images_per_s if limit else None,
+                                                            args.bulk_images)))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

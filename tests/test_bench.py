@@ -1,0 +1,102 @@
+"""Smoke tests of the benchmark scripts: the load generator against a tiny in-process server for a fraction of a
+second, the in-process table on the tiny checkpoint, the serving report on made-up figures. No timing is asserted:
+speed targets live in the benchmarks (docs/benchmarks.md), not in tests."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` is a folder of scripts, not installed
+
+from bench import inprocess, loadgen, serving  # noqa: E402
+
+
+async def tiny_http_server(answer: bytes) -> tuple[asyncio.Server, int]:
+    """Answers every request on a keep-alive connection with `answer` (the request is read up to its blank line
+    and Content-Length)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        await reader.readexactly(int(line.split(b":")[1]))
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, loadgen.HOST, 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.parametrize(("answer", "ok"), [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", True),
+    (b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n", False),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", False),  # unsupported: an error
+])  # fmt: skip
+def test_load_generator_counts_answers_and_errors(answer: bytes, ok: bool) -> None:
+    async def main() -> loadgen.Result:
+        server, port = await tiny_http_server(answer)
+        async with server:
+            request = loadgen.multipart_request(port, "/v1/encode", [loadgen.digit_png((8, 8))], fields={"seed": "1"})
+            return await loadgen.load(port, request, clients=4, max_requests=200, duration=0.5)
+
+    result = asyncio.run(main())
+    assert result.requests + result.errors > 0 and result.clients == 4
+    if ok:
+        assert result.errors == 0 and 0 < result.requests <= 200 and result.statuses == {200: result.requests}
+        assert 0 < result.percentile(50) <= result.percentile(99) and result.rps > 0
+    else:
+        assert result.errors > 0 and result.rps == 0
+
+
+def test_inprocess_table_on_the_tiny_checkpoint(tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inprocess.main(["--checkpoint", str(tiny_checkpoint), "--seconds", "0.001", "--rounds", "1", "--batches", "1", "4",
+                    "--threads", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    for row in ("| encode forward | 4 |", "| decode forward | 1 |", "| reconstruct forward | 4 |",
+                "| PNG upload -> input tensor | 4 |", "| output -> base64 PNG | 1 |", "| bulk encode"):  # fmt: skip
+        assert row in out
+
+
+def test_cuda_absent_skips_cleanly(tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    inprocess.main(["--checkpoint", str(tiny_checkpoint), "--device", "cuda"])
+    serving.main(["--checkpoint", str(tiny_checkpoint), "--device", "cuda"])
+    assert capsys.readouterr().out.count("skipped: --device cuda") == 2
+
+
+def test_serving_report_and_targets_from_figures() -> None:
+    def result(rps: float, latency_ms: float, clients: int) -> loadgen.Result:
+        n = int(rps)
+        return loadgen.Result(clients, [latency_ms / 1000] * n, 0, 1.0, {200: n})
+
+    figures = {("encode", 64, "ours"): (3000, 20), ("encode", 64, "plain"): (1000, 60),
+               ("encode", 64, "litserve"): (2000, 30), ("healthz", 64, "ours"): (5000, 10),
+               ("encode", 1, "ours"): (900, 1.1), ("encode", 1, "plain"): (1000, 1.0),
+               ("bulk encode", 1, "ours"): (10, 100)}  # fmt: skip
+    cells = {key: serving.Cell([result(rps, ms, key[1])], [100.0]) for key, (rps, ms) in figures.items()}
+    table = serving.report(cells, bulk_images=256)
+    assert "| encode | 64 | ours | 3000 | 0 | 3,000 |" in table and "(2,560 img/s)" in table
+    lines = serving.targets(cells, limit_images_per_s=3200, bulk_images=256)
+    assert any("vs plain FastAPI: 3.00x" in line and "(target >= 2x: met)" in line for line in lines)
+    assert any("vs LitServe: 1.50x" in line and "(target >= 2x: missed)" in line for line in lines)
+    assert any("/healthz: 60%" in line and "missed" in line for line in lines)
+    assert any("1.10x (target <= 1.5x: met)" in line for line in lines)
+    assert any("2,560 images/s = 80%" in line and "met" in line for line in lines)
+
+
+@pytest.mark.parametrize("script", [inprocess, serving])
+def test_help(script, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--help"])
+    assert exit_info.value.code == 0 and "--checkpoint" in capsys.readouterr().out
