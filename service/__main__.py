@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         log_level=settings.log_level,
         access_log=settings.access_log,
         timeout_graceful_shutdown=settings.graceful_shutdown_s,
+        limit_concurrency=settings.max_connections,
     )
 
 

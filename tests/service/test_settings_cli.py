@@ -50,6 +50,9 @@ def test_main_runs_uvicorn_with_the_settings(monkeypatch, models_dir) -> None:
     cli.main(["--models-dir", str(models_dir), "--default-model", "tiny", "--host", "0.0.0.0", "--port", "1234"])
     assert seen["host"] == "0.0.0.0" and seen["port"] == 1234 and seen["access_log"] is True
     assert seen["app"].state.settings.default_model == "tiny"
+    assert seen["limit_concurrency"] is None  # no connection cap unless asked for
+    cli.main(["--models-dir", str(models_dir), "--default-model", "tiny", "--max-connections", "500"])
+    assert seen["limit_concurrency"] == 500
 
 
 def test_discovery(models_dir, tiny_checkpoint) -> None:
