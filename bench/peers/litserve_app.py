@@ -20,7 +20,9 @@ import torch  # noqa: E402
 from bench.peers.common import Peer  # noqa: E402
 
 
-class EncodeAPI(ls.LitAPI):
+class PeerAPI(ls.LitAPI):
+    """A LitAPI serving the checkpoint through bench/peers/common.Peer (loaded in LitServe's worker process)."""
+
     def __init__(self, checkpoint: str, threads: int | None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.checkpoint, self.threads = checkpoint, threads
@@ -28,6 +30,8 @@ class EncodeAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         self.peer = Peer(self.checkpoint, self.threads)
 
+
+class EncodeAPI(PeerAPI):
     def decode_request(self, request) -> torch.Tensor:  # type: ignore[no-untyped-def]  # no annotation: the raw form
         return self.peer.image(request["image"].file.read())
 
@@ -45,14 +49,7 @@ class EncodeAPI(ls.LitAPI):
         return self.peer.encode_answer([output[0]], [output[1]])
 
 
-class SampleAPI(ls.LitAPI):
-    def __init__(self, checkpoint: str, threads: int | None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.checkpoint, self.threads = checkpoint, threads
-
-    def setup(self, device: str) -> None:
-        self.peer = Peer(self.checkpoint, self.threads)
-
+class SampleAPI(PeerAPI):
     def decode_request(self, request) -> int:  # type: ignore[no-untyped-def]
         return int(request.get("n", 1)) if isinstance(request, dict) else 1
 
