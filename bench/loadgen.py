@@ -232,7 +232,10 @@ class Server:
                  env: dict[str, str] | None = None, cwd: Path = REPO, startup_s: float = 180.0) -> None:  # fmt: skip
         self.name = name
         self.port = port
-        self.process = subprocess.Popen(command, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        # A session of its own: stop() signals the whole process group, so servers that fork workers (LitServe) go
+        # with their parent instead of lingering on the machine.
+        self.process = subprocess.Popen(command, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                        start_new_session=True)  # fmt: skip
         deadline = time.monotonic() + startup_s
         while True:
             if self.process.poll() is not None:
@@ -253,13 +256,27 @@ class Server:
         return self.process.pid
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        """SIGINT to the server's process group, SIGKILL to what is left of it after 30 s."""
+        group = self.process.pid  # start_new_session: the group's id is the server's pid
+        self._signal_group(group, signal.SIGINT)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + 30
+        while self._signal_group(group, 0) and time.monotonic() < deadline:  # forked workers still shutting down
+            time.sleep(0.1)
+        self._signal_group(group, signal.SIGKILL)
+        self.process.wait()
+
+    @staticmethod
+    def _signal_group(group: int, sig: int) -> bool:
+        """Send `sig` to the group; False when no process of it is left."""
+        try:
+            os.killpg(group, sig)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
 
     def __enter__(self) -> Server:
         return self
