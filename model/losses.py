@@ -57,6 +57,20 @@ def elbo_from_output(model: VAE, x: torch.Tensor, out: VAEOutput) -> ELBO:
     return ELBO(elbo=recon - kl, recon=recon, kl=kl)
 
 
+def log_weights(
+    model: VAE,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    params: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    beta: float = 1.0,
+) -> torch.Tensor:
+    """Importance log-weights log p(x|z) + beta * (log p(z) - log q(z|x)) of samples z (S, B, D), each (S, B):
+    what both the IWAE training bound and the likelihood estimate sum over (beta < 1 only in KL warm-up)."""
+    return model.log_prob(x, params) + beta * log_normal(z) - beta * log_normal(z, mu, logvar)
+
+
 def iwae_bound(model: VAE, x: torch.Tensor, out: VAEOutput, beta: float = 1.0) -> torch.Tensor:
     """The importance-weighted bound per example, (B,), from a forward pass with S samples (Burda et al. 2015, Eq. 8):
 
@@ -65,7 +79,7 @@ def iwae_bound(model: VAE, x: torch.Tensor, out: VAEOutput, beta: float = 1.0) -
     the training objective of an IWAE; beta < 1 only during KL warm-up. L_S <= log p(x) and tightens as S grows."""
     if out.z.dim() != 3:
         raise ValueError("iwae_bound needs a forward pass with samples=S > 1: z of shape (S, B, latent_dim)")
-    log_w = model.log_prob(x, out.params) + beta * (log_normal(out.z) - log_normal(out.z, out.mu, out.logvar))
+    log_w = log_weights(model, x, out.z, out.params, out.mu, out.logvar, beta)
     return torch.logsumexp(log_w, dim=0) - math.log(out.z.shape[0])
 
 
@@ -95,7 +109,7 @@ def iwae_log_likelihood(
         n = min(chunk, k - done)
         eps = randn((n, *mu.shape), generator, like=mu)  # (n, B, D)
         z = mu + torch.exp(0.5 * logvar) * eps
-        log_w = model.log_prob(x, model.decode(z)) + log_normal(z) - log_normal(z, mu, logvar)  # (n, B)
+        log_w = log_weights(model, x, z, model.decode(z), mu, logvar)  # (n, B)
         running = torch.logaddexp(running, torch.logsumexp(log_w, dim=0))
         done += n
     return running - math.log(k)
