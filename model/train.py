@@ -28,7 +28,7 @@ from model.losses import elbo_from_output, iwae_bound
 from model.metrics import dataset_elbo, full_metrics, latent_statistics, posterior_means
 from model.preprocess import input_spec
 from model.report import METRICS_CSV, plot_loss_curve, write_figures, write_metrics_csv
-from model.vae import ACTIVATIONS, BODIES, KINDS, LIKELIHOODS, VAE, VAEConfig
+from model.vae import ACTIVATIONS, BODIES, KINDS, LIKELIHOODS, UPSAMPLES, VAE, VAEConfig
 
 STATE_DIR = "train_state"  # resume state: current weights, Adam moments, RNG states (safetensors + JSON, no pickle)
 
@@ -81,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
     arch.add_argument("--decoder", default="mlp", choices=BODIES)
     arch.add_argument("--hidden", type=int, nargs="*", default=[500], help="MLP hidden widths")
     arch.add_argument("--conv-channels", type=int, nargs="+", default=[32, 64], help="one stride-2 conv each")
+    arch.add_argument("--upsample", default="transpose", choices=UPSAMPLES,
+                      help="conv decoder upsampling: transposed conv, or 3x3 conv + pixel shuffle (faster)")
     arch.add_argument("--latent-dim", type=int, default=20)
     arch.add_argument("--activation", default="relu", choices=sorted(ACTIVATIONS))
     arch.add_argument("--likelihood", default=None, choices=LIKELIHOODS, help="default: the dataset's own")
@@ -129,7 +131,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
     try:
         vae_config = VAEConfig(
             input_shape=dataset_shape, latent_dim=a.latent_dim, encoder=a.encoder, decoder=a.decoder,
-            hidden_dims=tuple(a.hidden), conv_channels=tuple(a.conv_channels), activation=a.activation,
+            hidden_dims=tuple(a.hidden), conv_channels=tuple(a.conv_channels), upsample=a.upsample,
+            activation=a.activation,
             likelihood=likelihood, kind=a.model,
         )  # fmt: skip
     except ValueError as e:

@@ -20,6 +20,10 @@ CONFIGS = {
     "conv-odd-sides": VAEConfig(
         input_shape=(1, 28, 20), latent_dim=2, encoder="conv", decoder="conv", conv_channels=(4, 8), hidden_dims=()
     ),  # fmt: skip
+    "conv-subpixel-odd-sides-rgb": VAEConfig(
+        input_shape=(3, 13, 10), latent_dim=2, encoder="conv", decoder="conv", conv_channels=(4, 8),
+        hidden_dims=(8,), upsample="subpixel", likelihood="gaussian",
+    ),  # fmt: skip
     "conv-enc-mlp-dec": VAEConfig(
         input_shape=(1, 28, 28), latent_dim=5, encoder="conv", decoder="mlp", conv_channels=(4,), hidden_dims=(32,)
     ),  # fmt: skip
@@ -84,11 +88,36 @@ def test_ae_code_is_the_mean():
         {"activation": "gelu2"},
         {"input_shape": (1, 28)},
         {"kind": "gan"},
+        {"upsample": "nearest"},
     ],
 )
 def test_config_validation(bad):
     with pytest.raises(ValueError, match="invalid VAEConfig"):
         VAEConfig(**bad)
+
+
+def test_subpixel_up_holds_any_transposed_conv_exactly():
+    """The "superset" claim behind upsample="subpixel": every ConvTranspose2d(kernel 4, stride 2, padding 1) is a
+    3x3 conv to 4x the channels followed by pixel shuffle, with the kernel taps rearranged per output phase."""
+    from model.vae import SubPixelUp
+
+    torch.manual_seed(0)
+    c_in, c_out, h, w = 3, 2, 5, 6
+    tconv = torch.nn.ConvTranspose2d(c_in, c_out, 4, 2, 1)
+    up = SubPixelUp(c_in, c_out, (2 * h, 2 * w))
+    weight = torch.zeros(c_out, 2, 2, c_in, 3, 3)  # (out channel, row phase, column phase, in channel, u, v)
+    for a in range(2):
+        for b in range(2):
+            for u in range(3):
+                for v in range(3):
+                    k, l = a + 1 - 2 * (u - 1), b + 1 - 2 * (v - 1)  # the transposed kernel's tap feeding (a, b)
+                    if 0 <= k < 4 and 0 <= l < 4:
+                        weight[:, a, b, :, u, v] = tconv.weight[:, :, k, l].T
+    with torch.no_grad():
+        up.conv.weight.copy_(weight.reshape(4 * c_out, c_in, 3, 3))
+        up.conv.bias.copy_(tconv.bias.repeat_interleave(4))
+        x = torch.randn(2, c_in, h, w)
+        torch.testing.assert_close(up(x), tconv(x), atol=1e-5, rtol=1e-5)
 
 
 def test_config_round_trips_through_a_dict():
