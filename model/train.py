@@ -81,8 +81,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
     arch.add_argument("--decoder", default="mlp", choices=BODIES)
     arch.add_argument("--hidden", type=int, nargs="*", default=[500], help="MLP hidden widths")
     arch.add_argument("--conv-channels", type=int, nargs="+", default=[32, 64], help="one stride-2 conv each")
-    arch.add_argument("--upsample", default="transpose", choices=UPSAMPLES,
-                      help="conv decoder upsampling: transposed conv, or 3x3 conv + pixel shuffle (faster)")
+    arch.add_argument(
+        "--upsample",
+        default="transpose",
+        choices=UPSAMPLES,
+        help="conv decoder upsampling: transposed conv, or 3x3 conv + pixel shuffle (faster)",
+    )
     arch.add_argument("--latent-dim", type=int, default=20)
     arch.add_argument("--activation", default="relu", choices=sorted(ACTIVATIONS))
     arch.add_argument("--likelihood", default=None, choices=LIKELIHOODS, help="default: the dataset's own")

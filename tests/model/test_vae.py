@@ -110,9 +110,9 @@ def test_subpixel_up_holds_any_transposed_conv_exactly():
         for b in range(2):
             for u in range(3):
                 for v in range(3):
-                    k, l = a + 1 - 2 * (u - 1), b + 1 - 2 * (v - 1)  # the transposed kernel's tap feeding (a, b)
-                    if 0 <= k < 4 and 0 <= l < 4:
-                        weight[:, a, b, :, u, v] = tconv.weight[:, :, k, l].T
+                    kh, kw = a + 1 - 2 * (u - 1), b + 1 - 2 * (v - 1)  # the transposed kernel's tap feeding (a, b)
+                    if 0 <= kh < 4 and 0 <= kw < 4:
+                        weight[:, a, b, :, u, v] = tconv.weight[:, :, kh, kw].T
     with torch.no_grad():
         up.conv.weight.copy_(weight.reshape(4 * c_out, c_in, 3, 3))
         up.conv.bias.copy_(tconv.bias.repeat_interleave(4))
