@@ -154,6 +154,10 @@ async def image_inputs(p: VAEPredictor, settings: Settings, uploads: Sequence[by
         names = [f"image {i} (upload)" for i in range(n)]
     parts = []
     for data, name in zip(datas, names, strict=True):
+        ready = media.ready_png(data, p.input_shape)
+        if ready is not None:
+            parts.append(ready)
+            continue
         image = media.open_image(data, settings.max_image_pixels, name)
         if image.width * image.height <= INLINE_PIXELS:
             parts.append(p.image_input(image, name))

@@ -5,6 +5,8 @@ python-multipart parses them."""
 
 from __future__ import annotations
 
+import io
+
 import httpx
 import numpy as np
 import pytest
@@ -14,9 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from python_multipart.multipart import parse_options_header
-from service_helpers import digit_like, files, png
+from service_helpers import assert_error, digit_like, files, png
 
 from model import preprocess
+from service import media
 from service.multipart import SIMPLE_DISPOSITION
 from service.routes import vae
 from service.routes.direct import DirectRoute
@@ -44,6 +47,60 @@ def test_ready_pixels_only_when_nothing_to_convert() -> None:
     assert preprocess.ready_pixels(grey, (1, 16, 16)) is None  # needs a resize
     assert preprocess.ready_pixels(grey, (3, 8, 8)) is None  # needs a mode conversion
     assert preprocess.ready_pixels(grey.convert("LA"), (1, 8, 8)) is None  # transparency to composite
+
+
+def png_bytes(array: np.ndarray, **save: object) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([1, 3]), st.integers(0, 9), st.booleans())
+def test_ready_png_gives_pillows_pixels(seed: int, channels: int, level: int, smooth: bool) -> None:
+    """Any 8-bit grey or RGB PNG at the model's size decodes by libspng to the bytes Pillow reads, whatever the
+    compression level and the per-row filters the encoder picked (smooth images draw the Sub/Up/Paeth filters)."""
+    rng = np.random.default_rng(seed)
+    shape = (12, 9, channels)
+    a = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    if smooth:
+        a = np.cumsum(a // 16, axis=0, dtype=np.uint8)
+    data = png_bytes(a[:, :, 0] if channels == 1 else a, compress_level=level)
+    got = media.ready_png(data, (channels, 12, 9))
+    assert got is not None and got.dtype == np.uint8
+    expected = preprocess.ready_pixels(media.load_image(media.open_image(data, 10**6)), (channels, 12, 9))
+    assert np.array_equal(got, expected)
+
+
+def test_ready_png_leaves_everything_else_to_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
+    grey = digit_like(0)  # 8x8
+    good = png_bytes(grey)
+    assert media.ready_png(good, (1, 8, 8)) is not None
+    assert media.ready_png(png_bytes(grey, transparency=7), (1, 8, 8)) is not None  # tRNS is not applied to "L"
+    assert media.ready_png(good, (1, 16, 16)) is None  # needs a resize
+    assert media.ready_png(good, (3, 8, 8)) is None  # needs a mode conversion
+    assert media.ready_png(png_bytes(np.stack([grey] * 3, axis=-1)), (1, 8, 8)) is None
+    assert media.ready_png(png_bytes(grey.astype(np.uint16) * 257), (1, 8, 8)) is None  # 16-bit
+    assert media.ready_png(png_bytes(grey, bits=4), (1, 8, 8)) is None  # palette
+    assert media.ready_png(png_bytes(np.stack([grey, grey], -1), optimize=True), (1, 8, 8)) is None  # LA
+    jpeg = io.BytesIO()
+    Image.fromarray(grey).save(jpeg, format="JPEG")
+    assert media.ready_png(jpeg.getvalue(), (1, 8, 8)) is None
+    for cut in (0, 8, 20, 33, len(good) - 12, len(good) - 1):
+        assert media.ready_png(good[:cut], (1, 8, 8)) is None, cut
+    for flip in range(8, len(good)):  # any flipped byte after the signature: a checksum catches it
+        corrupt = bytearray(good)
+        corrupt[flip] ^= 0x40
+        got = media.ready_png(bytes(corrupt), (1, 8, 8))
+        assert got is None or np.array_equal(got[:, :, 0], grey), flip
+    monkeypatch.setattr(media, "pyspng", None)
+    assert media.ready_png(good, (1, 8, 8)) is None
+
+
+async def test_corrupt_png_at_the_models_size_is_still_a_400(client) -> None:
+    data = bytearray(png_bytes(digit_like(3)))
+    data[len(data) // 2] ^= 0xFF
+    assert_error(await client.post("/v1/encode", files=files(bytes(data))), 400, "invalid_payload")
 
 
 async def test_mixed_uploads_keep_their_order(client, tiny_model) -> None:
