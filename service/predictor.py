@@ -192,11 +192,6 @@ class VAEPredictor:
             raise InvalidInput(f"{what} must be finite float32 numbers (no NaN, no infinity, |v| < 3.4e38)")
         return z
 
-    def binarize(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Each pixel 1 with probability equal to its intensity, as Bernoulli models were trained and evaluated
-        (model.data.binarize); a seeded generator makes it reproducible."""
-        return torch.bernoulli(x, generator=generator)
-
     def noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """(n, latent_dim) N(0, I) noise from the request's own generator, drawn before batching (model.vae.randn),
         so a request's result never depends on what it was batched with."""

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 
+from model.data import binarize
 from service import deps
 from service.errors import InvalidInput
 from service.routes.direct import DirectRoute
@@ -153,7 +154,7 @@ async def reconstruct_images(request: Request, format: FormatQuery = None) -> Re
     g = generator(req.seed)
     binarized = p.bernoulli and req.binarize is not False
     if binarized:
-        x = p.binarize(x, g)
+        x = binarize(x, g)  # as Bernoulli models were trained and evaluated
     out = await run(served, request, settings, "reconstruct", {"x": x, "eps": p.noise(len(x), g)})
     if fmt == "png":
         return await png_response(p.grid(out["image"]))
@@ -180,7 +181,7 @@ async def score_images(request: Request) -> Response:
     g = generator(req.seed)
     binarized = p.bernoulli and req.binarize is not False
     if binarized:
-        x = p.binarize(x, g)
+        x = binarize(x, g)  # as Bernoulli models were trained and evaluated
     out = await run(served, request, settings, "score", {"x": x}, arg=(req.k, g))
     rows = zip(*(out[key].tolist() for key in ("elbo", "recon", "kl", "log_likelihood")), strict=True)
     results = [
