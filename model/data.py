@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from model.checkpoint import sha256_file
+from model.preprocess import binarize
 
 DEFAULT_DATA_ROOT = "./data"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -227,11 +228,6 @@ def load_dataset(
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 -> float32 in [0, 1]."""
     return images.float().div_(255.0)
-
-
-def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Stochastic binarisation: each pixel is 1 with probability equal to its intensity (Salakhutdinov & Murray)."""
-    return torch.bernoulli(x, generator=generator)
 
 
 def fixed_binarized(x: torch.Tensor, seed: int = 0) -> torch.Tensor:

@@ -83,6 +83,12 @@ def unit_floats(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(_UNIT_FLOATS[pixels].transpose(0, 3, 1, 2)))
 
 
+def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Stochastic binarisation: each pixel is 1 with probability equal to its intensity (Salakhutdinov & Murray).
+    Bernoulli models are trained on it (a fresh sample each time) and evaluated on it (a fixed seed)."""
+    return torch.bernoulli(x, generator=generator)
+
+
 def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     """Float tensor (C, H, W) in [0, 1] -> PIL image (L or RGB)."""
     arr = (x.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).cpu()

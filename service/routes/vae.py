@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 
-from model.data import binarize
+from model.preprocess import binarize
 from service import deps
 from service.errors import InvalidInput
 from service.routes.direct import DirectRoute
