@@ -53,6 +53,12 @@ class NotAcceptable(ServiceError):
     status, code = 406, "not_acceptable"
 
 
+class BodyTimeout(ServiceError):
+    """408: the request body did not arrive within `body_timeout_s` (a client trickling it in, or stalled)."""
+
+    status, code = 408, "body_timeout"
+
+
 class PayloadTooLarge(ServiceError):
     """413: the request body is over `max_request_bytes`."""
 

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(1, ge=0, description="Retry-After header sent with 503 when overloaded")
     # -- request limits ----------------------------------------------------------------------------------------
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body not fully received this long after reading starts gets 408"
+    )
     max_images_per_request: int = Field(64, ge=1, description="most images or latents in one request")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest uploaded image (width * height)")
     max_sample_n: int = Field(256, ge=1, description="most images one /v1/sample call returns")

@@ -3,6 +3,7 @@ image inputs, content negotiation, JSON / PNG / GIF responses, and the disconnec
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
@@ -18,6 +19,7 @@ from starlette.requests import ClientDisconnect
 
 from service import deps, media, multipart
 from service.errors import (
+    BodyTimeout,
     ClientDisconnected,
     InvalidInput,
     NotAcceptable,
@@ -43,6 +45,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         401: "API key missing or wrong (only when the server has one)",
         404: "unknown model",
         406: "the requested response format is not available here",
+        408: "the request body did not arrive within body_timeout_s",
         413: "body over max_request_bytes, or an image over max_image_pixels",
         415: "Content-Type is not one this endpoint reads",
         422: "invalid request, or one that does not fit the model or the limits",
@@ -57,21 +60,30 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing more than `limit` bytes (by Content-Length first, then while reading)."""
+async def read_body(request: Request, settings: Settings) -> bytes:
+    """The whole body, refusing more than `max_request_bytes` (by Content-Length first, then while reading) and
+    a body still incomplete `body_timeout_s` after the handler started reading it (a client trickling bytes in
+    would otherwise hold its connection and buffer for as long as it likes)."""
+    limit = settings.max_request_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body is {declared} bytes, over the limit of {limit}")
     chunks: list[bytes] = []
     total = 0
     try:
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
-                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-            chunks.append(chunk)
+        async with asyncio.timeout(settings.body_timeout_s):
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > limit:
+                    raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+                chunks.append(chunk)
     except ClientDisconnect:
         raise ClientDisconnected("the client disconnected while sending the body") from None
+    except TimeoutError:
+        raise BodyTimeout(
+            f"the request body did not arrive within {settings.body_timeout_s:g} s ({total} bytes came)",
+            headers={"Connection": "close"},  # the rest of the body may still come: this connection is done
+        ) from None
     return b"".join(chunks)
 
 
@@ -97,7 +109,7 @@ async def read_json_body(request: Request, settings: Settings) -> bytes:
     """A JSON body, refused before parsing when it has more values than any valid request can: parsed, a number
     takes ~50 times its bytes, so a 16 MiB body of them would take ~1 GB. Commas count the values (at most two per
     value, with the arrays around them); base64 has none."""
-    body = await read_body(request, settings.max_request_bytes)
+    body = await read_body(request, settings)
     per_item = deps.registry(request).max_item_values
     limit = 2 * per_item * settings.max_images_per_request + 1024
     if per_item and body.count(b",") > limit:
@@ -110,7 +122,7 @@ async def read_images_request(request: Request, schema: type[T], settings: Setti
     -> (validated request, uploaded files' bytes). 415 for any other Content-Type."""
     kind = media_type(request)
     if kind == MULTIPART:
-        body = await read_body(request, settings.max_request_bytes)
+        body = await read_body(request, settings)
         limit = settings.max_images_per_request
         uploads: list[bytes] = []
         fields: dict[str, Any] = {}

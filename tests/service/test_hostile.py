@@ -125,6 +125,28 @@ async def test_odd_but_valid_images_are_converted_as_training_did(capped, tiny_m
     torch.testing.assert_close(torch.tensor(r.json()["results"][0]["mu"]), mu[0], atol=1e-5, rtol=1e-5)
 
 
+async def test_a_body_trickled_past_the_deadline_is_a_408(settings_for) -> None:
+    """Under the byte cap but too slow: 408 once body_timeout_s has passed, with the connection closed, and the
+    server serves on. The same small body sent at once is answered."""
+    trickled = 0
+
+    async def trickle():
+        nonlocal trickled
+        for _ in range(1000):
+            trickled += 1
+            yield b"\0" * 16
+            await asyncio.sleep(0.01)
+
+    headers = {"Content-Type": "multipart/form-data; boundary=x"}
+    async with serve(settings_for(body_timeout_s=0.2)) as (_, client):
+        r = await client.post("/v1/encode", content=trickle(), headers=headers)
+        assert_error(r, 408, "body_timeout", "0.2 s")
+        assert r.headers["connection"] == "close"
+        assert trickled < 100  # refused at the deadline, not after the client finished
+        ok = await client.post("/v1/encode", files=files(png(noise(8, 8))))
+        assert ok.status_code == 200, ok.text
+
+
 async def test_an_upload_over_the_byte_cap_sent_slowly(capped) -> None:
     """No Content-Length, 4 KiB pieces 1 ms apart: refused once the cap is crossed, without reading the rest."""
     sent = []
