@@ -66,20 +66,24 @@ def ensure_venv() -> Path:
 
 
 # -- servers -----------------------------------------------------------------------------------------------------------
-def server_command(name: str, args: argparse.Namespace, port: int) -> tuple[list[str], dict[str, str]]:
+def server_command(name: str, args: argparse.Namespace, port: int) -> tuple[list[str], dict[str, str], Path]:
+    """The command, extra environment and working directory that start server `name`."""
     threads = ["--threads", str(args.threads)] if args.threads else []
     env = {"PYTHONPATH": str(REPO)}
-    if name in ("ours", "ours-nobatch"):
+    if name.startswith("ours"):
         flags = ["--device", args.device, "--max-images-per-request", str(args.bulk_images)]
         flags += ["--cpu-threads", str(args.threads)] if args.threads else []
         flags += ["--no-batching"] if name == "ours-nobatch" else []
-        return loadgen.service_command(args.checkpoint, port, *flags), env
+        if name == "ours-baseline":  # the same service from another source tree, e.g. a git worktree
+            src = Path(args.baseline).resolve()
+            return loadgen.service_command(args.checkpoint, port, *flags), {"PYTHONPATH": str(src)}, src
+        return loadgen.service_command(args.checkpoint, port, *flags), env, REPO
     script = {"plain": "plain_fastapi.py", "litserve": "litserve_app.py"}[name]
     command = [str(venv_python()), str(PEERS / script), "--checkpoint", str(Path(args.checkpoint).resolve()),
                "--port", str(port), *threads]  # fmt: skip
     if name == "litserve":
         command += ["--batch-timeout", str(args.litserve_batch_timeout)]
-    return command, env
+    return command, env, REPO
 
 
 def requests_for(name: str, port: int, png: bytes, bulk_images: int) -> dict[str, bytes]:
@@ -156,10 +160,10 @@ def run_all(args: argparse.Namespace, png: bytes) -> dict[tuple[str, int, str], 
     try:
         for name in args.servers:
             port = loadgen.free_port()
-            command, env = server_command(name, args, port)
+            command, env, cwd = server_command(name, args, port)
             ready = "/readyz" if name.startswith("ours") else "/healthz"
             print(f"starting {name} on port {port} ...", flush=True)
-            servers[name] = loadgen.Server(name, command, port, ready, env=env)
+            servers[name] = loadgen.Server(name, command, port, ready, env=env, cwd=cwd)
         for repeat in range(args.repeat):
             for scenario, clients in plan(args):
                 for name, server in servers.items():
@@ -249,7 +253,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bulk-clients", type=int, nargs="*", default=[1, 4], help="clients for the bulk runs")
     p.add_argument("--litserve-batch-timeout", type=float, default=0.005, help="LitServe's batch_timeout (s)")
     p.add_argument("--device", default="cpu", help="device for ours (cuda: the peers are left out)")
+    p.add_argument("--baseline", default=None, metavar="DIR",
+                   help="also run our service from this source tree as 'ours-baseline', to compare two builds "
+                   "side by side (e.g. `git worktree add /tmp/base HEAD~3`)")
     args = p.parse_args(argv)
+    if args.baseline is not None:
+        if not (Path(args.baseline) / "service" / "__main__.py").is_file():
+            p.error(f"--baseline {args.baseline}: not a vae-serve source tree (no service/__main__.py)")
+        args.servers = [*args.servers, "ours-baseline"]
     if args.device.startswith("cuda"):
         import torch
 

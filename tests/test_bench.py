@@ -100,3 +100,15 @@ def test_help(script, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--help"])
     assert exit_info.value.code == 0 and "--checkpoint" in capsys.readouterr().out
+
+
+def test_a_baseline_build_runs_from_its_own_tree(tmp_path: Path) -> None:
+    """`--baseline DIR` adds our service from another source tree (cwd and import path), the same flags as ours."""
+    args = serving.argparse.Namespace(threads=None, device="cpu", bulk_images=256, checkpoint="checkpoints/mnist",
+                                      baseline=str(tmp_path))  # fmt: skip
+    ours, _, ours_cwd = serving.server_command("ours", args, 9001)
+    base, env, cwd = serving.server_command("ours-baseline", args, 9002)
+    assert ours_cwd == serving.REPO and cwd == tmp_path and env["PYTHONPATH"] == str(tmp_path)
+    assert base[base.index("--port") + 1] == "9002" and base[:3] == ours[:3]
+    with pytest.raises(SystemExit):
+        serving.main(["--baseline", str(tmp_path)])  # no service/ there
