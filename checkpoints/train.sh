@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Re-make the shipped checkpoints with the project's own training module. Each run's log lands beside its
 # checkpoint as train.log. Usage: checkpoints/train.sh [NAME ...]   (default: all; DATA=... sets the data root)
-# The default `mnist` checkpoint's command is in checkpoints/mnist/model_card.json ("training.command").
+# The default `mnist` checkpoint and `mnist-mlp` (the previous default) are made by the commands in their cards
+# ("training.command") and in docs/training.md ("Reproduce"): each is a 30-minute run with its own thread settings.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
