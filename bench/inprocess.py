@@ -1,8 +1,9 @@
 """The in-process limit: what the served model does without HTTP. Images/s of encode, decode and reconstruct at
 batch 1, 8, 64 and 256 through the server's own predictor (service.predictor.VAEPredictor.predict, the call its
-worker thread makes), the cost per image of turning a PNG upload into the model's input (the server's path:
-media.open_image, VAEPredictor.image_input, stack_images) and of turning an output into a base64 PNG, and the bulk
-pipeline (256 PNGs decoded, then one forward pass): the ceiling for a bulk /v1/encode request.
+worker thread makes), the cost per image of turning a PNG upload into the model's input (the server's path,
+service.routes.payloads.inline_input: libspng for a PNG at the model's size, else Pillow; then stack_images) and
+of turning an output into a base64 PNG, and the bulk pipeline (256 PNGs decoded, then one forward pass): the
+ceiling for a bulk /v1/encode request.
 
     python bench/inprocess.py --checkpoint checkpoints/mnist                 # torch's default threads, as served
     python bench/inprocess.py --checkpoint checkpoints/mnist --threads 1
@@ -28,6 +29,7 @@ import torch  # noqa: E402
 from bench import loadgen  # noqa: E402
 from service import media  # noqa: E402
 from service.predictor import VAEPredictor, resolve_device  # noqa: E402
+from service.routes import payloads  # noqa: E402
 
 BATCHES = (1, 8, 64, 256)
 OPS = ("encode", "decode", "reconstruct")
@@ -86,8 +88,8 @@ def forward_inputs(p: VAEPredictor, op: str, n: int) -> dict[str, torch.Tensor]:
 
 
 def upload_tensor(p: VAEPredictor, uploads: list[bytes], max_pixels: int = 4096 * 4096) -> torch.Tensor:
-    """The server's decode_request for uploaded files (routes/payloads.image_inputs, small images)."""
-    return p.stack_images([p.image_input(media.open_image(data, max_pixels), "image") for data in uploads])
+    """The server's own path for uploaded files that are converted on the event loop (routes/payloads.image_inputs)."""
+    return p.stack_images([payloads.inline_input(p, data, max_pixels, "image") for data in uploads])
 
 
 def measure(p: VAEPredictor, png: bytes, seconds: float, rounds: int, max_calls: int,
