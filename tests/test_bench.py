@@ -5,14 +5,11 @@ speed targets live in the benchmarks (docs/benchmarks.md), not in tests."""
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` is a folder of scripts, not installed
-
-from bench import inprocess, loadgen, serving  # noqa: E402
+from bench import inprocess, loadgen, serving
 
 
 async def tiny_http_server(answer: bytes) -> tuple[asyncio.Server, int]:

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import struct
 import threading
 import time
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from service_helpers import assert_error, files, png, serve
 
+from bench import memory
 from model.preprocess import pil_to_tensor
 from service import predictor
 
@@ -176,23 +177,14 @@ async def test_hostile_json_and_multipart_bodies(capped) -> None:
     assert_error(await capped.post("/v1/encode", files=parts), 422, "invalid_input", "too many")
 
 
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise KeyError("VmHWM")
-
-
 async def test_a_real_decompression_bomb_costs_no_memory(client) -> None:
     """8192x8192 zeros (64 Mpx, 4 times the default cap) in a 64 KB PNG: refused from its header, never decoded."""
     bomb = zeros_png(8192, 8192)
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # peak RSS := RSS now (Linux)
-    except OSError:
+    if not memory.reset_peak(os.getpid()):  # peak RSS := RSS now (Linux)
         pytest.skip("cannot reset this process's peak RSS")
-    before = peak_rss_mb()
+    before = memory.peak_mb(os.getpid())
     assert_error(await client.post("/v1/encode", files=files(bomb)), 413, "image_too_large", "8192x8192")
-    assert peak_rss_mb() - before < 32  # decoding it would take 64 MiB
+    assert memory.peak_mb(os.getpid()) - before < 32  # decoding it would take 64 MiB
 
 
 async def test_large_images_are_converted_two_at_a_time(served, monkeypatch) -> None:
