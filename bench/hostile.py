@@ -90,20 +90,8 @@ def animated(fmt: str) -> bytes:
     return encoded(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
 
 
-def multipart(*files: bytes, fields: dict[str, str] | None = None, name: str = "image") -> tuple[str, bytes]:
-    boundary = "hostile-boundary"
-    parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{i}"\r\n'
-        "Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n"
-        for i, data in enumerate(files)
-    ]
-    parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-              for k, v in (fields or {}).items()]  # fmt: skip
-    return f"multipart/form-data; boundary={boundary}", b"".join(parts) + f"--{boundary}--\r\n".encode()
-
-
 def upload(make: Callable[[], bytes]) -> Callable[[], tuple[str, bytes]]:
-    return lambda: multipart(make())
+    return lambda: loadgen.multipart_body([make()])
 
 
 def as_json(make: Callable[[], object]) -> Callable[[], tuple[str, bytes]]:
@@ -144,11 +132,11 @@ def cases() -> list[Case]:
         Case("animated-png", "3-frame APNG (the first frame is used)", ok, upload(lambda: animated("PNG"))),
         Case("webp", "a WebP image", bad, upload(lambda: encoded(Image.fromarray(noise(28, 28)), "WEBP"))),
         Case("over-cap-declared", "17 MiB body, Content-Length declared", (413, "payload_too_large"),
-             lambda: multipart(bytes(17 * MiB))),
+             lambda: loadgen.multipart_body([bytes(17 * MiB)])),
         Case("over-cap-slow", "17 MiB chunked body in 64 KiB pieces, 2 ms apart", (413, "payload_too_large"),
-             lambda: multipart(bytes(17 * MiB)), slow=True),
+             lambda: loadgen.multipart_body([bytes(17 * MiB)]), slow=True),
         Case("many-parts", "20000 empty multipart parts", (422, "invalid_input"),
-             lambda: multipart(*[b""] * 20_000)),
+             lambda: loadgen.multipart_body([b""] * 20_000)),
         Case("deep-json", "pixels nested 100000 deep", (422, "invalid_request"),
              lambda: ("application/json", b'{"pixels": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")),
         Case("many-latents", "1M latents (8 MiB of JSON)", (422, "invalid_input"),

@@ -41,9 +41,10 @@ def get_request(port: int, path: str, headers: dict[str, str] | None = None) -> 
     return f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n{extra}\r\n".encode()
 
 
-def multipart_request(port: int, path: str, files: Sequence[bytes], field_name: str = "image",
-                      fields: dict[str, str] | None = None) -> bytes:  # fmt: skip
-    """POST `path` with one file part per entry of `files` (PNG) plus plain form fields, as curl -F sends it."""
+def multipart_body(files: Sequence[bytes], field_name: str = "image",
+                   fields: dict[str, str] | None = None) -> tuple[str, bytes]:  # fmt: skip
+    """(Content-Type, body) of a form with one file part per entry of `files` (PNG) plus plain fields, as curl -F
+    sends it."""
     parts = [
         f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field_name}"; filename="{i}.png"\r\n'
         f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n"
@@ -53,10 +54,16 @@ def multipart_request(port: int, path: str, files: Sequence[bytes], field_name: 
         f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
         for k, v in (fields or {}).items()
     ]
-    body = b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+    return f"multipart/form-data; boundary={BOUNDARY}", b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def multipart_request(port: int, path: str, files: Sequence[bytes], field_name: str = "image",
+                      fields: dict[str, str] | None = None) -> bytes:  # fmt: skip
+    """POST `path` with multipart_body(files, field_name, fields)."""
+    content_type, body = multipart_body(files, field_name, fields)
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
-        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
 

@@ -35,8 +35,6 @@ from PIL import Image
 
 from bench import loadgen, memory
 
-BOUNDARY = "soak-boundary"
-
 
 @dataclass
 class Known:
@@ -99,12 +97,8 @@ def pool(checkpoint: Path, size: int) -> list[Known]:
             x = p.image_tensor(media.open_image(data, h * w))[None]
             out = p.predict("encode", {"x": x, "eps": p.noise(1, generator(i))})
             expected = [{"mu": out["mu"][0].tolist(), "logvar": out["logvar"][0].tolist(), "z": out["z"][0].tolist()}]
-            body = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="{i}.png"\r\n'
-                    "Content-Type: image/png\r\n\r\n").encode() + data + (
-                    f'\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name="sample"\r\n\r\ntrue\r\n'
-                    f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="seed"\r\n\r\n{i}\r\n'
-                    f"--{BOUNDARY}--\r\n").encode()  # fmt: skip
-            raw = http("POST", "/v1/encode", body, f"multipart/form-data; boundary={BOUNDARY}")
+            content_type, body = loadgen.multipart_body([data], fields={"sample": "true", "seed": str(i)})
+            raw = http("POST", "/v1/encode", body, content_type)
             known.append(Known(f"encode seed={i}", raw, "results", expected))
         elif kind == "decode":
             z = torch.randn(1, p.latent_dim, generator=torch.Generator().manual_seed(10_000 + i))
