@@ -20,15 +20,12 @@ from PIL import Image
 from service_helpers import assert_error, files, png, serve
 
 from bench import memory
+from bench.hostile import animated, flipped, jpeg_claiming, noise
 from model.preprocess import pil_to_tensor
 from service import predictor
 
 pytestmark = pytest.mark.anyio
 CAP_PIXELS, CAP_BYTES = 100 * 100, 256 * 1024
-
-
-def noise(height: int, width: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=(height, width), dtype=np.uint8)
 
 
 def zeros_png(width: int, height: int) -> bytes:
@@ -42,22 +39,6 @@ def zeros_png(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-def jpeg_claiming(width: int, height: int) -> bytes:
-    data = bytearray(png(Image.fromarray(noise(8, 8)), "JPEG"))
-    sof = data.index(b"\xff\xc0")  # baseline frame header: length, precision, height, width
-    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
-    return bytes(data)
-
-
-def flipped(data: bytes, start: int, n: int = 64) -> bytes:
-    return data[:start] + bytes(b ^ 0x5A for b in data[start : start + n]) + data[start + n :]
-
-
-def animated(fmt: str) -> bytes:
-    frames = [Image.fromarray(noise(28, 28, seed)) for seed in range(3)]
-    return png(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
 
 
 @pytest.fixture(scope="module")
