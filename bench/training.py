@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench import inprocess, loadgen  # noqa: E402
-from model.losses import elbo_from_output, iwae_bound  # noqa: E402
+from model.losses import training_loss  # noqa: E402
 from model.vae import VAE, VAEConfig  # noqa: E402
 
 REPO = loadgen.REPO
@@ -95,7 +95,7 @@ def raw_step_rate(checkpoint: Path, flags: list[str], threads: int, device: str,
 
     def step() -> None:
         out = model(x, generator=generator, samples=k)
-        loss = elbo_from_output(model, x, out).loss(1.0) if k == 1 else -iwae_bound(model, x, out, 1.0).mean()
+        loss, _ = training_loss(model, x, out)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

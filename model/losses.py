@@ -83,6 +83,15 @@ def iwae_bound(model: VAE, x: torch.Tensor, out: VAEOutput, beta: float = 1.0) -
     return torch.logsumexp(log_w, dim=0) - math.log(out.z.shape[0])
 
 
+def training_loss(model: VAE, x: torch.Tensor, out: VAEOutput, beta: float = 1.0) -> tuple[torch.Tensor, ELBO]:
+    """What model.train minimises for a forward pass: the mean negative ELBO of a one-sample pass, or the mean
+    negative importance-weighted bound of an S-sample one (`--iwae-k`), with KL weight beta; and the ELBO's terms,
+    which the training log reports either way."""
+    terms = elbo_from_output(model, x, out)
+    loss = terms.loss(beta) if out.z.dim() == 2 else -iwae_bound(model, x, out, beta).mean()
+    return loss, terms
+
+
 @torch.no_grad()
 def iwae_log_likelihood(
     model: VAE,

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from model import __version__, checkpoint
 from model.data import DATASETS, binarize, default_data_root, fixed_binarized, load_dataset, to_float
 from model.distributed import DistributedContext
-from model.losses import elbo_from_output, iwae_bound
+from model.losses import training_loss
 from model.metrics import dataset_elbo, full_metrics, latent_statistics, posterior_means
 from model.preprocess import input_spec
 from model.report import METRICS_CSV, plot_loss_curve, write_figures, write_metrics_csv
@@ -286,8 +286,7 @@ def train(cfg: TrainConfig, vae_config: VAEConfig, command: str) -> dict | None:
             x = x.to(device, non_blocking=True)
             beta = kl_weight(cfg, step, steps_per_epoch)
             fwd = net(x, generator=gens["noise"], samples=cfg.iwae_k)
-            terms = elbo_from_output(model, x, fwd)
-            loss = terms.loss(beta) if cfg.iwae_k == 1 else -iwae_bound(model, x, fwd, beta).mean()
+            loss, terms = training_loss(model, x, fwd, beta)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

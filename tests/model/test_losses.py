@@ -12,6 +12,7 @@ from model.losses import (
     iwae_log_likelihood,
     kl_divergence,
     log_normal,
+    training_loss,
 )
 from model.vae import VAE, VAEConfig
 
@@ -77,6 +78,19 @@ def test_iwae_training_bound_is_the_likelihood_estimate_with_gradients():
         assert "samples" in str(e)
     else:
         raise AssertionError("a one-sample forward must be refused")
+
+
+def test_training_loss_is_the_elbo_for_one_sample_and_the_iwae_bound_for_several():
+    model = tiny()
+    x = torch.bernoulli(torch.full((8, 1, 6, 6), 0.3), generator=torch.Generator().manual_seed(0))
+    one = model(x, generator=torch.Generator().manual_seed(1))
+    loss, terms = training_loss(model, x, one, beta=0.5)
+    assert torch.equal(loss, elbo_from_output(model, x, one).loss(0.5))
+    assert torch.equal(terms.kl, kl_divergence(one.mu, one.logvar))
+    five = model(x, generator=torch.Generator().manual_seed(1), samples=5)
+    loss, terms = training_loss(model, x, five, beta=0.5)
+    assert torch.equal(loss, -iwae_bound(model, x, five, 0.5).mean())
+    assert torch.equal(terms.elbo, elbo_from_output(model, x, five).elbo)
 
 
 def test_iwae_chunking_does_not_change_the_estimate():
