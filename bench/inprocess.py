@@ -136,8 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-calls", type=int, default=100_000, help="most calls in one round")
     p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     args = p.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"skipped: --device {args.device} but CUDA is not available on this machine")
+    if loadgen.cuda_missing(args.device):
         return
     predictor = load_predictor(args.checkpoint, args.device, args.threads)
     c, h, w = predictor.input_shape

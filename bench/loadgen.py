@@ -68,6 +68,18 @@ def multipart_request(port: int, path: str, files: Sequence[bytes], field_name: 
     return head.encode() + body
 
 
+def cuda_missing(device: str) -> bool:
+    """True, after saying so, when `device` asks for CUDA and this machine has none: the benchmark then skips."""
+    if not device.startswith("cuda"):
+        return False
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    print(f"skipped: --device {device} but CUDA is not available on this machine")
+    return True
+
+
 def digit_png(size: tuple[int, int] = (28, 28), channels: int = 1, variant: int = 0) -> bytes:
     """A small PNG at the model's input size, like a drawn digit (decoding it is part of a request's cost)."""
     from PIL import Image, ImageDraw

@@ -261,12 +261,9 @@ def main(argv: list[str] | None = None) -> None:
         if not (Path(args.baseline) / "service" / "__main__.py").is_file():
             p.error(f"--baseline {args.baseline}: not a vae-serve source tree (no service/__main__.py)")
         args.servers = [*args.servers, "ours-baseline"]
+    if loadgen.cuda_missing(args.device):
+        return
     if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            print(f"skipped: --device {args.device} but CUDA is not available on this machine")
-            return
         args.servers = [s for s in args.servers if s.startswith("ours")]
     if any(not s.startswith("ours") for s in args.servers):
         ensure_venv()

@@ -123,8 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=float, default=900, help="the longest one run may take (s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (CUDA absent: prints why and skips)")
     args = p.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"skipped: --device {args.device} but CUDA is not available on this machine")
+    if loadgen.cuda_missing(args.device):
         return
     checkpoint = Path(args.checkpoint).resolve()
     flags = card_command(checkpoint)
