@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
 import numpy as np
-import pydantic_core
+import orjson
 import torch
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -255,9 +255,18 @@ def json_response(body: BaseModel) -> Response:
 
 
 def json_fields_response(fields: dict[str, Any]) -> Response:
-    """json_response for a hot route's body given as the fields of its schema, in order and without None: the same
-    bytes (the same serializer) without building and validating the pydantic objects first."""
-    return Response(pydantic_core.to_json(fields, inf_nan_mode="null"), media_type=JSON)
+    """json_response for a hot route's body given as the fields of its schema, in order and without None, without
+    building and validating the pydantic objects first. Model outputs go in as float32 numpy arrays (float32_rows):
+    orjson writes each number as the shortest decimal that reads back as the same float32, where Python floats
+    would print float64's 17 digits, 8 of them noise. NaN and infinities become null, as in json_response. For a
+    256-image encode answer: 1.9 against 6.1 us per image, and 311 against 536 kB (docs/benchmarks.md)."""
+    return Response(orjson.dumps(fields, option=orjson.OPT_SERIALIZE_NUMPY), media_type=JSON)
+
+
+def float32_rows(t: torch.Tensor) -> np.ndarray:
+    """A (N, ...) CPU float32 tensor as a C-contiguous array, whose rows json_fields_response can write (orjson
+    refuses strided arrays; a model's outputs are often column slices of one tensor)."""
+    return np.ascontiguousarray(t.numpy())
 
 
 async def png_response(image: Image.Image) -> Response:

@@ -14,6 +14,7 @@ from service.errors import InvalidInput
 from service.routes.direct import DirectRoute
 from service.routes.payloads import (
     ERRORS,
+    float32_rows,
     fresh_seed,
     generator,
     gif_response,
@@ -77,7 +78,7 @@ async def encode_images(request: Request) -> Response:
         inputs["eps"] = p.noise(len(x), generator(seed))
     out = await run(served, request, settings, "encode", inputs)
     keys = [k for k in ("mu", "logvar", "z") if k in out]  # Posterior's fields
-    results = [dict(zip(keys, row, strict=True)) for row in zip(*(out[k].tolist() for k in keys), strict=True)]
+    results = [dict(zip(keys, row, strict=True)) for row in zip(*(float32_rows(out[k]) for k in keys), strict=True)]
     seeded = {} if seed is None else {"seed": seed}
     return json_fields_response({"model": p.name, "latent_dim": p.latent_dim, **seeded, "results": results})
 

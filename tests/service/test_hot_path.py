@@ -1,11 +1,13 @@
 """The hot path's shortcuts give exactly what the general code gives: uploads already at the model's mode and size
-skip pil_to_tensor's tensor ops but not its result, the encode answer is the schema's own JSON, request-only routes
+skip pil_to_tensor's tensor ops but not its result, the encode answer is the schema's JSON with the model's float32
+numbers exactly, request-only routes
 skip FastAPI's dependency solving only when nothing needs solving, and simple multipart headers parse as
 python-multipart parses them."""
 
 from __future__ import annotations
 
 import io
+import json
 
 import httpx
 import numpy as np
@@ -21,7 +23,7 @@ from service_helpers import assert_error, digit_like, files, png
 from model import preprocess
 from service import media
 from service.multipart import SIMPLE_DISPOSITION
-from service.routes import vae
+from service.routes import payloads, vae
 from service.routes.direct import DirectRoute
 from service.schemas import EncodeResponse
 
@@ -117,7 +119,31 @@ async def test_mixed_uploads_keep_their_order(client, tiny_model) -> None:
 async def test_encode_answer_is_the_schema_json(client, form: dict[str, str]) -> None:
     r = await client.post("/v1/encode", files=files(png(digit_like(0)), png(digit_like(1))), data=form)
     assert r.status_code == 200, r.text
-    assert r.content == EncodeResponse.model_validate_json(r.content).model_dump_json(exclude_none=True).encode()
+    parsed = EncodeResponse.model_validate_json(r.content)
+    assert json.loads(r.content) == json.loads(parsed.model_dump_json(exclude_none=True))  # same fields and values
+    assert [len(res.z or ()) for res in parsed.results] == [parsed.latent_dim if form else 0] * 2
+
+
+def test_float32_rows_are_written_at_float32_precision() -> None:
+    """Every number reads back as exactly the float32 it came from, in no more digits than that needs (never
+    float64's 17); NaN and infinities are null, as pydantic's inf_nan_mode="null" writes them elsewhere."""
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.standard_normal(2000) * 10.0 ** rng.integers(-8, 8, 2000),
+                             [0.3, 1 / 3, -0.0, 1e-45, 3.4e38, np.nan, np.inf, -np.inf]]).astype(np.float32)  # fmt: skip
+    wide = torch.from_numpy(values.reshape(-1, 2))
+    rows = payloads.float32_rows(wide[:, 1])  # a column slice: strided, as a model's mu is
+    body = json.loads(payloads.json_fields_response({"results": [{"v": r} for r in rows]}).body)
+    got = [res["v"] for res in body["results"]]
+    finite = np.isfinite(values[1::2])
+    assert [v is None for v in got] == list(~finite)
+    parsed = np.array([v for v in got if v is not None], dtype=np.float32)
+    assert np.array_equal(parsed, values[1::2][finite])
+    numbers = payloads.json_fields_response({"v": rows}).body.decode().removeprefix('{"v":[').removesuffix("]}")
+    assert max(significant_digits(t) for t in numbers.split(",")) <= 9
+
+
+def significant_digits(number: str) -> int:
+    return len(number.lstrip("-").split("e")[0].replace(".", "").strip("0"))
 
 
 def test_encode_and_score_are_called_directly_and_the_rest_through_fastapi() -> None:
