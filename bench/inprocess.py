@@ -1,8 +1,9 @@
 """The in-process limit: what the served model does without HTTP. Images/s of encode, decode and reconstruct at
 batch 1, 8, 64 and 256 through the server's own predictor (service.predictor.VAEPredictor.predict, the call its
-worker thread makes), the cost per image of turning a PNG upload into the model's input (the server's path,
-service.routes.payloads.inline_input: libspng for a PNG at the model's size, else Pillow; then stack_images) and
-of turning an output into a base64 PNG, and the bulk pipeline (256 PNGs decoded, then one forward pass): the
+worker thread makes), the cost per image of splitting a multipart body (service.multipart.parse), of turning a PNG
+upload into the model's input (the server's path, service.routes.payloads.inline_input: libspng for a PNG at the
+model's size, else Pillow; then stack_images), of writing encode's JSON answer (service.routes.vae.encode_response)
+and of turning an output into a base64 PNG, and the bulk pipeline (256 PNGs decoded, then one forward pass): the
 ceiling for a bulk /v1/encode request.
 
     python bench/inprocess.py --checkpoint checkpoints/mnist                 # torch's default threads, as served
@@ -27,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench import loadgen  # noqa: E402
-from service import media  # noqa: E402
+from service import media, multipart  # noqa: E402
 from service.predictor import VAEPredictor, resolve_device  # noqa: E402
-from service.routes import payloads  # noqa: E402
+from service.routes import payloads, vae  # noqa: E402
 
 BATCHES = (1, 8, 64, 256)
 OPS = ("encode", "decode", "reconstruct")
@@ -105,7 +106,14 @@ def measure(p: VAEPredictor, png: bytes, seconds: float, rounds: int, max_calls:
             inputs = forward_inputs(p, op, n)
             rows.append(timed(f"{op} forward", n, lambda op=op, inputs=inputs: p.predict(op, inputs)))
     for n in (1, max(batches)):
+        content_type, body = loadgen.multipart_body([png] * n)
+        rows.append(timed("multipart body -> parts", n,
+                          lambda c=content_type, b=body, n=n: multipart.parse(c, b, max_parts=n)))  # fmt: skip
+    for n in (1, max(batches)):
         rows.append(timed("PNG upload -> input tensor", n, lambda n=n: upload_tensor(p, [png] * n)))
+    for n in (1, max(batches)):
+        out = p.predict("encode", forward_inputs(p, "encode", n))
+        rows.append(timed("encode output -> JSON answer", n, lambda out=out: vae.encode_response(p, out, None)))
     images = p.predict("decode", forward_inputs(p, "decode", max(batches)))["image"]
     rows.append(timed("output -> base64 PNG", 1, lambda: media.png_base64(p.to_pil(images[:1])[0])))
     rows.append(bulk_limit(p, png, max(batches), seconds, rounds, max_calls))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import inprocess, loadgen, serving
+from bench import inprocess, loadgen, serving, threads
 
 
 async def tiny_http_server(answer: bytes) -> tuple[asyncio.Server, int]:
@@ -58,7 +58,8 @@ def test_inprocess_table_on_the_tiny_checkpoint(tiny_checkpoint: Path, capsys: p
                     "--threads", "1"])  # fmt: skip
     out = capsys.readouterr().out
     for row in ("| encode forward | 4 |", "| decode forward | 1 |", "| reconstruct forward | 4 |",
-                "| PNG upload -> input tensor | 4 |", "| output -> base64 PNG | 1 |", "| bulk encode"):  # fmt: skip
+                "| multipart body -> parts | 4 |", "| PNG upload -> input tensor | 4 |",
+                "| encode output -> JSON answer | 1 |", "| output -> base64 PNG | 1 |", "| bulk encode"):  # fmt: skip
         assert row in out
 
 
@@ -92,7 +93,27 @@ def test_serving_report_and_targets_from_figures() -> None:
     assert any("2,560 images/s = 80%" in line and "met" in line for line in lines)
 
 
-@pytest.mark.parametrize("script", [inprocess, serving])
+@pytest.mark.e2e
+def test_threads_table_of_a_real_server(tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    threads.main(["--checkpoint", str(tiny_checkpoint), "--clients", "2", "--duration", "0.3", "--", "--cpu-threads",
+                  "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| encode |" in out and "| healthz |" in out and out.count("| main (event loop) |") == 2
+
+
+def test_thread_cpu_seconds_sees_this_process_working() -> None:
+    import os
+    import time
+
+    before = threads.thread_cpu_seconds(os.getpid())
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:
+        pass
+    after = threads.thread_cpu_seconds(os.getpid())
+    assert after[os.getpid()] - before[os.getpid()] >= 0.02  # 50 ms of CPU, counted in ticks of 10 ms
+
+
+@pytest.mark.parametrize("script", [inprocess, serving, threads])
 def test_help(script, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--help"])

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Request, Response
 from model.preprocess import binarize
 from service import deps
 from service.errors import InvalidInput
+from service.predictor import Tensors, VAEPredictor
 from service.routes.direct import DirectRoute
 from service.routes.payloads import (
     ERRORS,
@@ -76,7 +77,11 @@ async def encode_images(request: Request) -> Response:
     if req.sample:
         seed = req.seed if req.seed is not None else fresh_seed()
         inputs["eps"] = p.noise(len(x), generator(seed))
-    out = await run(served, request, settings, "encode", inputs)
+    return encode_response(p, await run(served, request, settings, "encode", inputs), seed)
+
+
+def encode_response(p: VAEPredictor, out: Tensors, seed: int | None) -> Response:
+    """EncodeResponse's JSON from the encode forward's outputs (bench/inprocess.py times it)."""
     keys = [k for k in ("mu", "logvar", "z") if k in out]  # Posterior's fields
     results = [dict(zip(keys, row, strict=True)) for row in zip(*(float32_rows(out[k]) for k in keys), strict=True)]
     seeded = {} if seed is None else {"seed": seed}

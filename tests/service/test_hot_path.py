@@ -128,8 +128,9 @@ def test_float32_rows_are_written_at_float32_precision() -> None:
     """Every number reads back as exactly the float32 it came from, in no more digits than that needs (never
     float64's 17); NaN and infinities are null, as pydantic's inf_nan_mode="null" writes them elsewhere."""
     rng = np.random.default_rng(0)
-    values = np.concatenate([rng.standard_normal(2000) * 10.0 ** rng.integers(-8, 8, 2000),
-                             [0.3, 1 / 3, -0.0, 1e-45, 3.4e38, np.nan, np.inf, -np.inf]]).astype(np.float32)  # fmt: skip
+    scaled = rng.standard_normal(2000) * 10.0 ** rng.integers(-8, 8, 2000)
+    edges = [0.3, 1 / 3, -0.0, 1e-45, 3.4e38, np.nan, np.inf, -np.inf]
+    values = np.concatenate([scaled, edges]).astype(np.float32)
     wide = torch.from_numpy(values.reshape(-1, 2))
     rows = payloads.float32_rows(wide[:, 1])  # a column slice: strided, as a model's mu is
     body = json.loads(payloads.json_fields_response({"results": [{"v": r} for r in rows]}).body)
