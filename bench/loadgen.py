@@ -356,16 +356,12 @@ def machine() -> str:
             f"load average {load}; {time.strftime('%Y-%m-%d %H:%M %Z')}")  # fmt: skip
 
 
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(main thread, whole process) CPU seconds used so far by `pid`, from /proc (Linux; NaN elsewhere).
-    CPU per request is the server's cost in a form that a busy machine disturbs far less than requests/s."""
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-    def used(stat: Path) -> float:
-        fields = stat.read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-
+def proc_stat(path: str | Path) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds used so far: user + system) from a /proc/<pid>/stat or /proc/<pid>/task/<tid>/stat
+    file (Linux); None when it is gone (the process or thread ended) or unreadable. CPU per request is a server's
+    cost in a form that a busy machine disturbs far less than requests/s."""
     try:
-        return used(Path(f"/proc/{pid}/task/{pid}/stat")), used(Path(f"/proc/{pid}/stat"))
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
-        return float("nan"), float("nan")
+        return None

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import subprocess
 import sys
 import time
@@ -104,18 +103,13 @@ def requests_for(name: str, port: int, png: bytes, bulk_images: int) -> dict[str
 
 def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds used so far by `pid` and every process below it (LitServe runs several), from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
     children: dict[int, list[int]] = defaultdict(list)
     used: dict[int, float] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children[int(fields[1])].append(int(entry.name))
-        used[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+        stat = loadgen.proc_stat(entry / "stat") if entry.name.isdigit() else None
+        if stat is not None:
+            children[stat[0]].append(int(entry.name))
+            used[int(entry.name)] = stat[1]
     total, todo = 0.0, [pid]
     while todo:
         p = todo.pop()

@@ -22,15 +22,8 @@ from bench import loadgen  # noqa: E402
 
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
     """CPU seconds used so far by each thread of `pid` (thread id -> user + system)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    used = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the thread ended
-        used[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
-    return used
+    stats = {int(tid): loadgen.proc_stat(f"/proc/{pid}/task/{tid}/stat") for tid in os.listdir(f"/proc/{pid}/task")}
+    return {tid: stat[1] for tid, stat in stats.items() if stat is not None}
 
 
 def main(argv: list[str] | None = None) -> None:
