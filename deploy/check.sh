@@ -102,6 +102,16 @@ container_check() {
         say "torch $TORCH_VERSION CPU wheel found in pip's find-links ($d): BUILD_ARGS=\"$BUILD_ARGS\""
       fi
     done
+    # container-check copies this machine's pip settings into the build's pip.conf but mounts only the files that
+    # cert, find-links and extra-index-url name: a `constraint` file named there (/etc/xdg/pip/pip.conf does on
+    # some of these machines) would be missing in the build, and every pip install in it would fail. Mount it.
+    local c
+    for c in $(pip3 config list 2>/dev/null | sed -n "s/^[a-z]*\.constraint='\(.*\)'$/\1/p" | sort -u); do
+      if [ -f "$c" ]; then
+        BUILD_ARGS="$BUILD_ARGS -v $c:$c:ro"
+        say "pip's constraint file $c mounted into the build"
+      fi
+    done
   fi
   # A fresh checkpoints volume each time: an old one would keep serving the models of an older image.
   podman volume rm -f vae-serve_checkpoints >/dev/null 2>&1 || true
