@@ -107,7 +107,7 @@ def iwae_log_likelihood(
     The k samples are drawn in chunks and folded into a running logsumexp, so memory is bounded by
     chunk_elems decoder outputs whatever k is. The estimate is a lower bound that tightens as k grows.
     The default keeps a chunk's activations small enough to be reused from the allocator's heap: at 2**24 every
-    chunk's half-gigabyte conv activations were fresh mmaps, and page faults took 3x the time of the arithmetic.
+    chunk's half-gigabyte conv activations were fresh mmaps, and the page faults took twice the arithmetic's time.
     """
     if model.config.kind == "ae":
         raise ValueError("a deterministic autoencoder defines no likelihood p(x)")
