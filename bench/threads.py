@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import loadgen  # noqa: E402
+from bench import loadgen, serving  # noqa: E402
 
 
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
@@ -42,9 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     command = loadgen.service_command(Path(args.checkpoint), port, *args.flags)
     rows = []
     with loadgen.Server("ours", command, port, "/readyz", env={"PYTHONPATH": str(loadgen.REPO)}) as server:
-        png = loadgen.digit_png()
-        requests = {"encode": loadgen.multipart_request(port, "/v1/encode", [png]),
-                    "healthz": loadgen.get_request(port, "/healthz")}  # fmt: skip
+        requests = serving.requests_for("ours", port, loadgen.digit_png(), bulk_images=1)  # the same requests
         for load in args.loads:
             loadgen.run(port, requests[load], args.clients, 10**6, 1.0)
             before = thread_cpu_seconds(server.pid)

@@ -5,6 +5,8 @@ speed targets live in the benchmarks (docs/benchmarks.md), not in tests."""
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -102,9 +104,6 @@ def test_threads_table_of_a_real_server(tiny_checkpoint: Path, capsys: pytest.Ca
 
 
 def test_thread_cpu_seconds_sees_this_process_working() -> None:
-    import os
-    import time
-
     before = threads.thread_cpu_seconds(os.getpid())
     deadline = time.process_time() + 0.05
     while time.process_time() < deadline:
