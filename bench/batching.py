@@ -38,15 +38,21 @@ def mean_batch(before: tuple[float, float], after: tuple[float, float]) -> str:
 
 def run_mode(args: argparse.Namespace, mode: str, image: bytes) -> list[list[object]]:
     port = loadgen.free_port()
-    flags = ["--cpu-threads", str(args.server_threads), "--max-batch-size", str(args.max_batch_size),
-             "--batching" if mode == "on" else "--no-batching"]  # fmt: skip
+    flags = [
+        "--cpu-threads",
+        str(args.server_threads),
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--batching" if mode == "on" else "--no-batching",
+    ]
     with loadgen.Server(f"batching {mode}", loadgen.service_command(args.checkpoint, port, *flags), port, "/readyz"):
         encode = loadgen.multipart_request(port, "/v1/encode", [image])
         loadgen.run(port, encode, args.concurrency, 200, args.warmup)
         rows = []
         if args.healthz:
-            health = loadgen.run(port, loadgen.get_request(port, "/healthz"), args.concurrency, args.requests,
-                                 args.duration)  # fmt: skip
+            health = loadgen.run(
+                port, loadgen.get_request(port, "/healthz"), args.concurrency, args.requests, args.duration
+            )
             rows.append([*loadgen.load_row(f"{mode}: /healthz", health), "-"])
         before = scrape_batches(port)
         result = loadgen.run(port, encode, args.concurrency, args.requests, args.duration)

@@ -105,46 +105,104 @@ def cases() -> list[Case]:
     return [
         Case("random-bytes", "1 MiB of random bytes", bad, upload(lambda: np.random.default_rng(1).bytes(MiB))),
         Case("truncated-png", "256x256 PNG cut in half", bad, upload(lambda: png256()[: len(png256()) // 2])),
-        Case("corrupt-png", "256x256 PNG, 64 bytes of IDAT flipped", bad,
-             upload(lambda: flipped(png256(), len(png256()) // 2))),
+        Case(
+            "corrupt-png",
+            "256x256 PNG, 64 bytes of IDAT flipped",
+            bad,
+            upload(lambda: flipped(png256(), len(png256()) // 2)),
+        ),
         Case("truncated-jpeg", "256x256 JPEG cut in half", bad, upload(lambda: jpeg256()[: len(jpeg256()) // 2])),
-        Case("corrupt-jpeg-header", "256x256 JPEG, header zeroed", bad,
-             upload(lambda: jpeg256()[:2] + bytes(38) + jpeg256()[40:])),
-        Case("corrupt-jpeg-scan", "256x256 JPEG, 64 bytes of scan data flipped (libjpeg decodes it)", ok,
-             upload(lambda: flipped(jpeg256(), len(jpeg256()) // 2))),
+        Case(
+            "corrupt-jpeg-header",
+            "256x256 JPEG, header zeroed",
+            bad,
+            upload(lambda: jpeg256()[:2] + bytes(38) + jpeg256()[40:]),
+        ),
+        Case(
+            "corrupt-jpeg-scan",
+            "256x256 JPEG, 64 bytes of scan data flipped (libjpeg decodes it)",
+            ok,
+            upload(lambda: flipped(jpeg256(), len(jpeg256()) // 2)),
+        ),
         Case("bomb-png-header", "8x8 PNG claiming 100000x100000", big, upload(lambda: png_claiming(100_000, 100_000))),
-        Case("bomb-png-real", f"real {2 * SIDE}x{2 * SIDE} PNG of zeros (4x the cap)", big,
-             upload(lambda: encoded(Image.new("L", (2 * SIDE, 2 * SIDE)), compress_level=9))),
+        Case(
+            "bomb-png-real",
+            f"real {2 * SIDE}x{2 * SIDE} PNG of zeros (4x the cap)",
+            big,
+            upload(lambda: encoded(Image.new("L", (2 * SIDE, 2 * SIDE)), compress_level=9)),
+        ),
         Case("bomb-jpeg-header", "8x8 JPEG claiming 65000x65000", big, upload(lambda: jpeg_claiming(65_000, 65_000))),
         Case("one-pixel", "1x1 PNG", ok, upload(lambda: encoded(Image.new("L", (1, 1), 200)))),
         Case("10000-wide", "10000x1 PNG", ok, upload(lambda: encoded(Image.fromarray(noise(1, 10_000))))),
         Case("10000-square", "10000x10000 PNG header (6x the cap)", big, upload(lambda: png_claiming(10_000, 10_000))),
         Case("at-cap-grey", f"{SIDE}x{SIDE} 8-bit grey PNG", ok, upload(lambda: encoded(Image.fromarray(ramp(SIDE))))),
-        Case("at-cap-16-bit", f"{SIDE}x{SIDE} 16-bit grey PNG", ok,
-             upload(lambda: encoded(Image.fromarray(ramp(SIDE, np.uint16)), compress_level=1))),
-        Case("at-cap-palette", f"{SIDE}x{SIDE} palette PNG with transparency", ok,
-             upload(lambda: encoded(Image.fromarray(ramp(SIDE)).convert("P"), transparency=0))),
-        Case("at-cap-rgba", f"{SIDE}x{SIDE} RGBA PNG", ok,
-             upload(lambda: encoded(Image.new("RGBA", (SIDE, SIDE), (9, 200, 30, 128)), compress_level=1))),
-        Case("at-cap-cmyk", f"{SIDE}x{SIDE} CMYK JPEG", ok,
-             upload(lambda: encoded(Image.new("CMYK", (SIDE, SIDE), (10, 20, 30, 0)), "JPEG"))),
+        Case(
+            "at-cap-16-bit",
+            f"{SIDE}x{SIDE} 16-bit grey PNG",
+            ok,
+            upload(lambda: encoded(Image.fromarray(ramp(SIDE, np.uint16)), compress_level=1)),
+        ),
+        Case(
+            "at-cap-palette",
+            f"{SIDE}x{SIDE} palette PNG with transparency",
+            ok,
+            upload(lambda: encoded(Image.fromarray(ramp(SIDE)).convert("P"), transparency=0)),
+        ),
+        Case(
+            "at-cap-rgba",
+            f"{SIDE}x{SIDE} RGBA PNG",
+            ok,
+            upload(lambda: encoded(Image.new("RGBA", (SIDE, SIDE), (9, 200, 30, 128)), compress_level=1)),
+        ),
+        Case(
+            "at-cap-cmyk",
+            f"{SIDE}x{SIDE} CMYK JPEG",
+            ok,
+            upload(lambda: encoded(Image.new("CMYK", (SIDE, SIDE), (10, 20, 30, 0)), "JPEG")),
+        ),
         Case("animated-gif", "3-frame animated GIF", bad, upload(lambda: animated("GIF"))),
         Case("animated-png", "3-frame APNG (the first frame is used)", ok, upload(lambda: animated("PNG"))),
         Case("webp", "a WebP image", bad, upload(lambda: encoded(Image.fromarray(noise(28, 28)), "WEBP"))),
-        Case("over-cap-declared", "17 MiB body, Content-Length declared", (413, "payload_too_large"),
-             lambda: loadgen.multipart_body([bytes(17 * MiB)])),
-        Case("over-cap-slow", "17 MiB chunked body in 64 KiB pieces, 2 ms apart", (413, "payload_too_large"),
-             lambda: loadgen.multipart_body([bytes(17 * MiB)]), slow=True),
-        Case("many-parts", "20000 empty multipart parts", (422, "invalid_input"),
-             lambda: loadgen.multipart_body([b""] * 20_000)),
-        Case("deep-json", "pixels nested 100000 deep", (422, "invalid_request"),
-             lambda: ("application/json", b'{"pixels": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")),
-        Case("many-latents", "1M latents (8 MiB of JSON)", (422, "invalid_input"),
-             as_json(lambda: {"latents": [[0, 0]] * 1_000_000}), path="/v1/decode"),
-        Case("huge-pixels", "2M pixel values (one 16 MB array)", (422, "invalid_input"),
-             lambda: ("application/json", b'{"pixels": [[' + b"0.5," * 2_000_000 + b"0.5]]}")),
+        Case(
+            "over-cap-declared",
+            "17 MiB body, Content-Length declared",
+            (413, "payload_too_large"),
+            lambda: loadgen.multipart_body([bytes(17 * MiB)]),
+        ),
+        Case(
+            "over-cap-slow",
+            "17 MiB chunked body in 64 KiB pieces, 2 ms apart",
+            (413, "payload_too_large"),
+            lambda: loadgen.multipart_body([bytes(17 * MiB)]),
+            slow=True,
+        ),
+        Case(
+            "many-parts",
+            "20000 empty multipart parts",
+            (422, "invalid_input"),
+            lambda: loadgen.multipart_body([b""] * 20_000),
+        ),
+        Case(
+            "deep-json",
+            "pixels nested 100000 deep",
+            (422, "invalid_request"),
+            lambda: ("application/json", b'{"pixels": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+        ),
+        Case(
+            "many-latents",
+            "1M latents (8 MiB of JSON)",
+            (422, "invalid_input"),
+            as_json(lambda: {"latents": [[0, 0]] * 1_000_000}),
+            path="/v1/decode",
+        ),
+        Case(
+            "huge-pixels",
+            "2M pixel values (one 16 MB array)",
+            (422, "invalid_input"),
+            lambda: ("application/json", b'{"pixels": [[' + b"0.5," * 2_000_000 + b"0.5]]}"),
+        ),
         Case("huge-base64", "12 MiB of base64 garbage", bad, as_json(lambda: {"images": ["QUFB" * (3 * MiB)]})),
-    ]  # fmt: skip
+    ]
 
 
 # -- sending -----------------------------------------------------------------------------------------------------------
@@ -164,8 +222,10 @@ def send(port: int, case: Case, timeout: float = 120.0) -> tuple[int, str | None
     """One request on a fresh connection -> (status, error code or None, bytes of the body actually sent)."""
     content_type, body = payload(case)
     length = "Transfer-Encoding: chunked" if case.slow else f"Content-Length: {len(body)}"
-    head = (f"POST {case.path} HTTP/1.1\r\nHost: {loadgen.HOST}\r\nContent-Type: {content_type}\r\n{length}\r\n"
-            "Connection: close\r\n\r\n").encode()  # fmt: skip
+    head = (
+        f"POST {case.path} HTTP/1.1\r\nHost: {loadgen.HOST}\r\nContent-Type: {content_type}\r\n{length}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
     with socket.create_connection((loadgen.HOST, port), timeout=timeout) as sock:
         sock.sendall(head)
         sent = 0
@@ -259,32 +319,74 @@ def main(argv: list[str] | None = None) -> int:
                 good = (status, code) == case.expect
                 failures += not good
                 peak = max(peak, high)
-                singles.append([case.name, case.what, f"{sent / MiB:.2f}", f"{case.expect[0]} {case.expect[1] or ''}",
-                                f"{status} {code or ''}", "yes" if good else "**NO**", f"{seconds:.2f}",
-                                f"{before:.0f}", f"{high:.0f}", f"{after:.0f}"])  # fmt: skip
+                singles.append(
+                    [
+                        case.name,
+                        case.what,
+                        f"{sent / MiB:.2f}",
+                        f"{case.expect[0]} {case.expect[1] or ''}",
+                        f"{status} {code or ''}",
+                        "yes" if good else "**NO**",
+                        f"{seconds:.2f}",
+                        f"{before:.0f}",
+                        f"{high:.0f}",
+                        f"{after:.0f}",
+                    ]
+                )
             for case in heavy:
                 crowd = functools.partial(concurrent, port, case, args.concurrent)
                 results, seconds, before, high, after = measured(pid, crowd)
                 good = sum((status, code) == case.expect for status, code, _ in results)
                 failures += len(results) - good
                 peak = max(peak, high)
-                crowds.append([f"{args.concurrent} x {case.name}", f"{good}/{len(results)}", f"{seconds:.2f}",
-                               f"{before:.0f}", f"{high:.0f}", f"{after:.0f}"])  # fmt: skip
+                crowds.append(
+                    [
+                        f"{args.concurrent} x {case.name}",
+                        f"{good}/{len(results)}",
+                        f"{seconds:.2f}",
+                        f"{before:.0f}",
+                        f"{high:.0f}",
+                        f"{after:.0f}",
+                    ]
+                )
             rounds.append(f"round {round_}: RSS {memory.rss_mb(pid):.0f} MiB after it, peak {peak:.0f} MiB so far")
             if round_ == 1:
-                print(loadgen.table(["case", "sent", "MiB sent", "expected", "got", "ok", "s", "RSS before MiB",
-                                     "peak RSS MiB", "RSS after MiB"], singles, "llrllrrrrr"))  # fmt: skip
+                print(
+                    loadgen.table(
+                        [
+                            "case",
+                            "sent",
+                            "MiB sent",
+                            "expected",
+                            "got",
+                            "ok",
+                            "s",
+                            "RSS before MiB",
+                            "peak RSS MiB",
+                            "RSS after MiB",
+                        ],
+                        singles,
+                        "llrllrrrrr",
+                    )
+                )
                 print()
-                print(loadgen.table(["concurrent", "as documented", "s", "RSS before MiB", "peak RSS MiB",
-                                     "RSS after MiB"], crowds))  # fmt: skip
+                print(
+                    loadgen.table(
+                        ["concurrent", "as documented", "s", "RSS before MiB", "peak RSS MiB", "RSS after MiB"], crowds
+                    )
+                )
         end_rss = memory.rss_mb(pid)
         alive = json.loads(loadgen.fetch(port, "/readyz"))["status"] == "ready"
     print()
     print("\n".join(rounds))
-    print(f"server RSS: {start_rss:.0f} MiB at start, {peak:.0f} MiB peak, {end_rss:.0f} MiB at the end"
-          + ("" if peak_ok else " (peak RSS could not be reset: per-case peaks are peaks since start)"))
-    print(f"verdict: {'PASS' if failures == 0 and alive else 'FAIL'}: {failures} answer(s) not as documented over "
-          f"{args.rounds} round(s); server still ready: {alive}")
+    print(
+        f"server RSS: {start_rss:.0f} MiB at start, {peak:.0f} MiB peak, {end_rss:.0f} MiB at the end"
+        + ("" if peak_ok else " (peak RSS could not be reset: per-case peaks are peaks since start)")
+    )
+    print(
+        f"verdict: {'PASS' if failures == 0 and alive else 'FAIL'}: {failures} answer(s) not as documented over "
+        f"{args.rounds} round(s); server still ready: {alive}"
+    )
     return 1 if failures or not alive else 0
 
 

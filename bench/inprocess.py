@@ -1,8 +1,9 @@
 """The in-process limit: what the served model does without HTTP. Images/s of encode, decode and reconstruct at
 batch 1, 8, 64 and 256 through the server's own predictor (service.predictor.VAEPredictor.predict, the call its
 worker thread makes), the cost per image of splitting a multipart body (service.multipart.parse), of turning a PNG
-upload into the model's input (the server's path, service.routes.payloads.inline_input: libspng for a PNG at the
-model's size, else Pillow; then stack_images), of writing encode's JSON answer (service.routes.vae.encode_response)
+upload into the model's input (the server's path, VAEPredictor.inline_image: libspng for a PNG at the model's size,
+else Pillow; then stack_images), of writing encode's JSON answer (VAEPredictor.encode_response, then
+service.rendering.json_response)
 and of turning an output into a base64 PNG, and the bulk pipeline (256 PNGs decoded, then one forward pass): the
 ceiling for a bulk /v1/encode request.
 
@@ -29,8 +30,9 @@ import torch  # noqa: E402
 
 from bench import loadgen  # noqa: E402
 from service import media, multipart  # noqa: E402
-from service.predictor import VAEPredictor, resolve_device  # noqa: E402
-from service.routes import payloads, vae  # noqa: E402
+from service.predictor import Job, VAEPredictor, resolve_device  # noqa: E402
+from service.rendering import json_response, to_pil  # noqa: E402
+from service.schemas import Call, EncodeRequest  # noqa: E402
 
 BATCHES = (1, 8, 64, 256)
 OPS = ("encode", "decode", "reconstruct")
@@ -88,13 +90,19 @@ def forward_inputs(p: VAEPredictor, op: str, n: int) -> dict[str, torch.Tensor]:
     return {"x": x}
 
 
-def upload_tensor(p: VAEPredictor, uploads: list[bytes], max_pixels: int = 4096 * 4096) -> torch.Tensor:
-    """The server's own path for uploaded files that are converted on the event loop (routes/payloads.image_inputs)."""
-    return p.stack_images([payloads.inline_input(p, data, max_pixels, "image") for data in uploads])
+def upload_tensor(p: VAEPredictor, uploads: list[bytes]) -> torch.Tensor:
+    """The server's own path for uploaded files that are converted on the event loop (VAEPredictor.images)."""
+    return p.stack_images([p.inline_image(data, "image") for data in uploads])  # type: ignore[misc]
 
 
-def measure(p: VAEPredictor, png: bytes, seconds: float, rounds: int, max_calls: int,
-            batches: tuple[int, ...] = BATCHES) -> list[Timing]:  # fmt: skip
+def encode_answer(p: VAEPredictor, out: dict[str, torch.Tensor]) -> bytes:
+    """Encode's answer as the server writes it."""
+    return bytes(json_response(p.encode_response(Job("encode", {}), out, Call(EncodeRequest()))).body)
+
+
+def measure(
+    p: VAEPredictor, png: bytes, seconds: float, rounds: int, max_calls: int, batches: tuple[int, ...] = BATCHES
+) -> list[Timing]:
     """Every row of the table, in order."""
 
     def timed(label: str, batch: int, fn: Callable[[], object]) -> Timing:
@@ -107,21 +115,23 @@ def measure(p: VAEPredictor, png: bytes, seconds: float, rounds: int, max_calls:
             rows.append(timed(f"{op} forward", n, lambda op=op, inputs=inputs: p.predict(op, inputs)))
     for n in (1, max(batches)):
         content_type, body = loadgen.multipart_body([png] * n)
-        rows.append(timed("multipart body -> parts", n,
-                          lambda c=content_type, b=body, n=n: multipart.parse(c, b, max_parts=n)))  # fmt: skip
+        rows.append(
+            timed("multipart body -> parts", n, lambda c=content_type, b=body, n=n: multipart.parse(c, b, max_parts=n))
+        )
     for n in (1, max(batches)):
         rows.append(timed("PNG upload -> input tensor", n, lambda n=n: upload_tensor(p, [png] * n)))
     for n in (1, max(batches)):
         out = p.predict("encode", forward_inputs(p, "encode", n))
-        rows.append(timed("encode output -> JSON answer", n, lambda out=out: vae.encode_response(p, out, None)))
+        rows.append(timed("encode output -> JSON answer", n, lambda out=out: encode_answer(p, out)))
     images = p.predict("decode", forward_inputs(p, "decode", max(batches)))["image"]
-    rows.append(timed("output -> base64 PNG", 1, lambda: media.png_base64(p.to_pil(images[:1])[0])))
+    rows.append(timed("output -> base64 PNG", 1, lambda: media.png_base64(to_pil(images[:1])[0])))
     rows.append(bulk_limit(p, png, max(batches), seconds, rounds, max_calls))
     return rows
 
 
-def bulk_limit(p: VAEPredictor, png: bytes, n: int = 256, seconds: float = 0.3, rounds: int = 3,
-               max_calls: int = 100_000) -> Timing:  # fmt: skip
+def bulk_limit(
+    p: VAEPredictor, png: bytes, n: int = 256, seconds: float = 0.3, rounds: int = 3, max_calls: int = 100_000
+) -> Timing:
     """The in-process ceiling of a bulk /v1/encode request of n PNGs (decode them, one forward pass)."""
     uploads = [png] * n
     fn = lambda: p.predict("encode", {"x": upload_tensor(p, uploads)})  # noqa: E731
@@ -134,8 +144,9 @@ def report(rows: list[Timing]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--checkpoint", default="checkpoints/mnist", help="checkpoint directory")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (CUDA absent: prints why and skips)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, as served)")
@@ -151,8 +162,10 @@ def main(argv: list[str] | None = None) -> None:
     png = loadgen.digit_png((w, h), c)
     rows = measure(predictor, png, args.seconds, args.rounds, args.max_calls, tuple(args.batches))
     device = torch.cuda.get_device_name(predictor.device) if predictor.device.type == "cuda" else "CPU"
-    print(f"\n{predictor.name} on {device}, torch threads {torch.get_num_threads()}, {len(png)}-byte PNG; "
-          f"{loadgen.machine()}\n")  # fmt: skip
+    print(
+        f"\n{predictor.name} on {device}, torch threads {torch.get_num_threads()}, {len(png)}-byte PNG; "
+        f"{loadgen.machine()}\n"
+    )
     print(report(rows))
 
 

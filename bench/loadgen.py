@@ -41,13 +41,16 @@ def get_request(port: int, path: str, headers: dict[str, str] | None = None) -> 
     return f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n{extra}\r\n".encode()
 
 
-def multipart_body(files: Sequence[bytes], field_name: str = "image",
-                   fields: dict[str, str] | None = None) -> tuple[str, bytes]:  # fmt: skip
+def multipart_body(
+    files: Sequence[bytes], field_name: str = "image", fields: dict[str, str] | None = None
+) -> tuple[str, bytes]:
     """(Content-Type, body) of a form with one file part per entry of `files` (PNG) plus plain fields, as curl -F
     sends it."""
     parts = [
         f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field_name}"; filename="{i}.png"\r\n'
-        f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n"
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + data
+        + b"\r\n"
         for i, data in enumerate(files)
     ]
     parts += [
@@ -57,8 +60,9 @@ def multipart_body(files: Sequence[bytes], field_name: str = "image",
     return f"multipart/form-data; boundary={BOUNDARY}", b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
 
 
-def multipart_request(port: int, path: str, files: Sequence[bytes], field_name: str = "image",
-                      fields: dict[str, str] | None = None) -> bytes:  # fmt: skip
+def multipart_request(
+    port: int, path: str, files: Sequence[bytes], field_name: str = "image", fields: dict[str, str] | None = None
+) -> bytes:
     """POST `path` with multipart_body(files, field_name, fields)."""
     content_type, body = multipart_body(files, field_name, fields)
     head = (
@@ -247,14 +251,23 @@ def fetch(port: int, path: str, timeout: float = 10.0) -> bytes:
 class Server:
     """A server subprocess on loopback: started, polled until `ready_path` answers 200, stopped with SIGINT."""
 
-    def __init__(self, name: str, command: list[str], port: int, ready_path: str = "/healthz",
-                 env: dict[str, str] | None = None, cwd: Path = REPO, startup_s: float = 180.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        command: list[str],
+        port: int,
+        ready_path: str = "/healthz",
+        env: dict[str, str] | None = None,
+        cwd: Path = REPO,
+        startup_s: float = 180.0,
+    ) -> None:
         self.name = name
         self.port = port
         # A session of its own: stop() signals the whole process group, so servers that fork workers (LitServe) go
         # with their parent instead of lingering on the machine.
-        self.process = subprocess.Popen(command, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                                        start_new_session=True)  # fmt: skip
+        self.process = subprocess.Popen(
+            command, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True
+        )
         deadline = time.monotonic() + startup_s
         while True:
             if self.process.poll() is not None:
@@ -307,8 +320,23 @@ class Server:
 def service_command(checkpoint: Path, port: int, *flags: str) -> list[str]:
     """`python -m service` serving one checkpoint quietly on loopback (no access log, warnings only)."""
     ckpt = Path(checkpoint).resolve()
-    return [sys.executable, "-m", "service", "--models", str(ckpt), "--default-model", ckpt.name,
-            "--host", HOST, "--port", str(port), "--no-access-log", "--log-level", "warning", *flags]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "service",
+        "--models",
+        str(ckpt),
+        "--default-model",
+        ckpt.name,
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+        *flags,
+    ]
 
 
 # -- reporting ---------------------------------------------------------------------------------------------------------
@@ -322,8 +350,16 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | No
 
 def load_row(label: str, r: Result) -> list[Any]:
     """The standard columns for one load run: label, clients, answers, errors, req/s, p50/p90/p99 ms."""
-    return [label, r.clients, r.requests, r.errors, f"{r.rps:.0f}", f"{r.percentile(50):.1f}",
-            f"{r.percentile(90):.1f}", f"{r.percentile(99):.1f}"]  # fmt: skip
+    return [
+        label,
+        r.clients,
+        r.requests,
+        r.errors,
+        f"{r.rps:.0f}",
+        f"{r.percentile(50):.1f}",
+        f"{r.percentile(90):.1f}",
+        f"{r.percentile(99):.1f}",
+    ]
 
 
 LOAD_HEADERS = ["server", "clients", "requests", "errors", "req/s", "p50 ms", "p90 ms", "p99 ms"]
@@ -352,8 +388,10 @@ def machine() -> str:
         except Exception:  # noqa: BLE001 - a missing package is reported as such
             versions.append(f"{package} -")
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (f"{os.cpu_count()} CPU(s) ({cpu}), Python {platform.python_version()}, {', '.join(versions)}; "
-            f"load average {load}; {time.strftime('%Y-%m-%d %H:%M %Z')}")  # fmt: skip
+    return (
+        f"{os.cpu_count()} CPU(s) ({cpu}), Python {platform.python_version()}, {', '.join(versions)}; "
+        f"load average {load}; {time.strftime('%Y-%m-%d %H:%M %Z')}"
+    )
 
 
 def proc_stat(path: str | Path) -> tuple[int, float] | None:

@@ -1,9 +1,9 @@
 """Resident memory of a process from /proc (Linux): now, peak since start (or since the last reset), and the reset.
 
-    from bench import memory
-    memory.reset_peak(pid)          # VmHWM := VmRSS (writes 5 to /proc/PID/clear_refs; Linux >= 4.0, same user)
-    ...                             # the work to measure
-    print(memory.peak_mb(pid), memory.rss_mb(pid))
+from bench import memory
+memory.reset_peak(pid)          # VmHWM := VmRSS (writes 5 to /proc/PID/clear_refs; Linux >= 4.0, same user)
+...                             # the work to measure
+print(memory.peak_mb(pid), memory.rss_mb(pid))
 """
 
 from __future__ import annotations

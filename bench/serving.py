@@ -78,8 +78,15 @@ def server_command(name: str, args: argparse.Namespace, port: int) -> tuple[list
             return loadgen.service_command(args.checkpoint, port, *flags), {"PYTHONPATH": str(src)}, src
         return loadgen.service_command(args.checkpoint, port, *flags), env, REPO
     script = {"plain": "plain_fastapi.py", "litserve": "litserve_app.py"}[name]
-    command = [str(venv_python()), str(PEERS / script), "--checkpoint", str(Path(args.checkpoint).resolve()),
-               "--port", str(port), *threads]  # fmt: skip
+    command = [
+        str(venv_python()),
+        str(PEERS / script),
+        "--checkpoint",
+        str(Path(args.checkpoint).resolve()),
+        "--port",
+        str(port),
+        *threads,
+    ]
     if name == "litserve":
         command += ["--batch-timeout", str(args.litserve_batch_timeout)]
     return command, env, REPO
@@ -89,8 +96,10 @@ def requests_for(name: str, port: int, png: bytes, bulk_images: int) -> dict[str
     """The same load for every server. LitServe serves POST only: its sample is `POST {"n": 1}`."""
     if name == "litserve":
         body = b'{"n": 1}'
-        sample = (f"POST /v1/sample HTTP/1.1\r\nHost: {loadgen.HOST}:{port}\r\nContent-Type: application/json\r\n"
-                  f"Content-Length: {len(body)}\r\n\r\n").encode() + body  # fmt: skip
+        sample = (
+            f"POST /v1/sample HTTP/1.1\r\nHost: {loadgen.HOST}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
     else:
         sample = loadgen.get_request(port, "/v1/sample?n=1")
     return {
@@ -127,13 +136,18 @@ class Cell:
     cpu_us: list[float] = field(default_factory=list)
 
     def median(self, value: str) -> float:
-        pick = {"rps": lambda r: r.rps, "p50": lambda r: r.percentile(50), "p90": lambda r: r.percentile(90),
-                "p99": lambda r: r.percentile(99)}[value]  # fmt: skip
+        pick = {
+            "rps": lambda r: r.rps,
+            "p50": lambda r: r.percentile(50),
+            "p90": lambda r: r.percentile(90),
+            "p99": lambda r: r.percentile(99),
+        }[value]
         return loadgen.median([pick(r) for r in self.results])
 
 
-def run_cell(server: loadgen.Server, request: bytes, clients: int, args: argparse.Namespace,
-             requests: int) -> tuple[loadgen.Result, float]:  # fmt: skip
+def run_cell(
+    server: loadgen.Server, request: bytes, clients: int, args: argparse.Namespace, requests: int
+) -> tuple[loadgen.Result, float]:
     loadgen.run(server.port, request, clients, max(clients, 200), args.warmup)
     before = tree_cpu_seconds(server.pid)
     result = loadgen.run(server.port, request, clients, requests, args.duration)
@@ -169,9 +183,11 @@ def run_all(args: argparse.Namespace, png: bytes) -> dict[tuple[str, int, str], 
                     cell = cells[(scenario, clients, name)]
                     cell.results.append(result)
                     cell.cpu_us.append(cpu)
-                    print(f"  [{repeat + 1}/{args.repeat}] {scenario:11s} {clients:4d} clients {name:13s} "
-                          f"{result.rps:8.0f} req/s  p99 {result.percentile(99):7.1f} ms  errors {result.errors}",
-                          flush=True)  # fmt: skip
+                    print(
+                        f"  [{repeat + 1}/{args.repeat}] {scenario:11s} {clients:4d} clients {name:13s} "
+                        f"{result.rps:8.0f} req/s  p99 {result.percentile(99):7.1f} ms  errors {result.errors}",
+                        flush=True,
+                    )
     finally:
         for server in servers.values():
             server.stop()
@@ -184,12 +200,32 @@ def report(cells: dict[tuple[str, int, str], Cell], bulk_images: int) -> str:
     for (scenario, clients, name), cell in cells.items():
         rps = cell.median("rps")
         shown = f"{rps:,.0f}" if scenario != "bulk encode" else f"{rps:,.1f} ({rps * bulk_images:,.0f} img/s)"
-        rows.append([scenario, clients, name, sum(r.requests for r in cell.results),
-                     sum(r.errors for r in cell.results), shown, f"{cell.median('p50'):.1f}",
-                     f"{cell.median('p90'):.1f}", f"{cell.median('p99'):.1f}",
-                     f"{loadgen.median(cell.cpu_us):,.0f}"])  # fmt: skip
-    headers = ["load", "clients", "server", "requests", "errors", "req/s", "p50 ms", "p90 ms", "p99 ms",
-               "server CPU µs/req"]  # fmt: skip
+        rows.append(
+            [
+                scenario,
+                clients,
+                name,
+                sum(r.requests for r in cell.results),
+                sum(r.errors for r in cell.results),
+                shown,
+                f"{cell.median('p50'):.1f}",
+                f"{cell.median('p90'):.1f}",
+                f"{cell.median('p99'):.1f}",
+                f"{loadgen.median(cell.cpu_us):,.0f}",
+            ]
+        )
+    headers = [
+        "load",
+        "clients",
+        "server",
+        "requests",
+        "errors",
+        "req/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "server CPU µs/req",
+    ]
     return loadgen.table(headers, rows, "lrlrrrrrrr")
 
 
@@ -206,34 +242,43 @@ def targets(cells: dict[tuple[str, int, str], Cell], limit_images_per_s: float |
             if cell is not None:
                 ratio = ours.median("rps") / cell.median("rps")
                 p99_ok = ours.median("p99") < cell.median("p99")
-                lines.append(f"encode at 64 clients, ours vs {peer}: {ratio:.2f}x the req/s (target >= 2x: "
-                             f"{'met' if ratio >= 2 else 'missed'}); p99 {ours.median('p99'):.1f} vs "
-                             f"{cell.median('p99'):.1f} ms (target below: {'met' if p99_ok else 'missed'})")
+                lines.append(
+                    f"encode at 64 clients, ours vs {peer}: {ratio:.2f}x the req/s (target >= 2x: "
+                    f"{'met' if ratio >= 2 else 'missed'}); p99 {ours.median('p99'):.1f} vs "
+                    f"{cell.median('p99'):.1f} ms (target below: {'met' if p99_ok else 'missed'})"
+                )
         health = get("healthz", 64, "ours")
         if health is not None:
             share = ours.median("rps") / health.median("rps")
-            lines.append(f"encode at 64 clients vs the same server's /healthz: {share:.0%} ({ours.median('rps'):,.0f} "
-                         f"vs {health.median('rps'):,.0f} req/s; target >= 70%: "
-                         f"{'met' if share >= 0.7 else 'missed'})")  # fmt: skip
+            lines.append(
+                f"encode at 64 clients vs the same server's /healthz: {share:.0%} ({ours.median('rps'):,.0f} "
+                f"vs {health.median('rps'):,.0f} req/s; target >= 70%: "
+                f"{'met' if share >= 0.7 else 'missed'})"
+            )
     ours1, plain1 = get("encode", 1, "ours"), get("encode", 1, "plain")
     if ours1 is not None and plain1 is not None:
         ratio = ours1.median("p50") / plain1.median("p50")
         verdict = "met" if ratio <= 1.5 else "missed"
-        lines.append(f"encode at 1 client, p50 ours vs plain: {ours1.median('p50'):.2f} vs "
-                     f"{plain1.median('p50'):.2f} ms = {ratio:.2f}x (target <= 1.5x: {verdict})")
+        lines.append(
+            f"encode at 1 client, p50 ours vs plain: {ours1.median('p50'):.2f} vs "
+            f"{plain1.median('p50'):.2f} ms = {ratio:.2f}x (target <= 1.5x: {verdict})"
+        )
     if limit_images_per_s:
         for (scenario, clients, name), cell in cells.items():
             if scenario == "bulk encode" and name == "ours":
                 share = cell.median("rps") * bulk_images / limit_images_per_s
-                lines.append(f"bulk encode ({bulk_images} PNGs per request, {clients} client(s)): "
-                             f"{cell.median('rps') * bulk_images:,.0f} images/s = {share:.0%} of the in-process "
-                             f"limit {limit_images_per_s:,.0f} (target >= 60%: {'met' if share >= 0.6 else 'missed'})")
+                lines.append(
+                    f"bulk encode ({bulk_images} PNGs per request, {clients} client(s)): "
+                    f"{cell.median('rps') * bulk_images:,.0f} images/s = {share:.0%} of the in-process "
+                    f"limit {limit_images_per_s:,.0f} (target >= 60%: {'met' if share >= 0.6 else 'missed'})"
+                )
     return lines
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--checkpoint", default="checkpoints/mnist", help="checkpoint directory every server serves")
     p.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
     p.add_argument("--clients", type=int, nargs="+", default=list(CLIENTS), help="concurrent clients per run")
@@ -241,15 +286,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=30000, help="most answers per run")
     p.add_argument("--warmup", type=float, default=0.5, help="seconds of unmeasured load before each run")
     p.add_argument("--repeat", type=int, default=1, help="run everything this many times; the table shows medians")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads for every server (default: torch's choice, as ours is by default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads for every server (default: torch's choice, as ours is by default)",
+    )
     p.add_argument("--bulk-images", type=int, default=256, help="PNGs per bulk encode request")
     p.add_argument("--bulk-clients", type=int, nargs="*", default=[1, 4], help="clients for the bulk runs")
     p.add_argument("--litserve-batch-timeout", type=float, default=0.005, help="LitServe's batch_timeout (s)")
     p.add_argument("--device", default="cpu", help="device for ours (cuda: the peers are left out)")
-    p.add_argument("--baseline", default=None, metavar="DIR",
-                   help="also run our service from this source tree as 'ours-baseline', to compare two builds "
-                   "side by side (e.g. `git worktree add /tmp/base HEAD~3`)")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="DIR",
+        help="also run our service from this source tree as 'ours-baseline', to compare two builds "
+        "side by side (e.g. `git worktree add /tmp/base HEAD~3`)",
+    )
     args = p.parse_args(argv)
     if args.baseline is not None:
         if not (Path(args.baseline) / "service" / "__main__.py").is_file():
@@ -270,15 +323,21 @@ def main(argv: list[str] | None = None) -> None:
     del predictor
     started = time.monotonic()
     cells = run_all(args, png)
-    print(f"\n{Path(args.checkpoint).resolve().name}, {len(png)}-byte PNG, torch threads "
-          f"{args.threads or 'default'}, {args.duration:g} s per run, {args.repeat} repeat(s), "
-          f"{time.monotonic() - started:.0f} s in all; {loadgen.machine()}\n")  # fmt: skip
+    print(
+        f"\n{Path(args.checkpoint).resolve().name}, {len(png)}-byte PNG, torch threads "
+        f"{args.threads or 'default'}, {args.duration:g} s per run, {args.repeat} repeat(s), "
+        f"{time.monotonic() - started:.0f} s in all; {loadgen.machine()}\n"
+    )
     print(report(cells, args.bulk_images))
     if limit is not None:
-        print(f"\nin-process limit, bulk encode of {limit.batch} PNGs (decode + one forward): "
-              f"{limit.images_per_s:,.0f} images/s")
-    print("\n" + "\n".join(f"- {line}" for line in targets(cells, limit.images_per_s if limit else None,
-                                                            args.bulk_images)))  # fmt: skip
+        print(
+            f"\nin-process limit, bulk encode of {limit.batch} PNGs (decode + one forward): "
+            f"{limit.images_per_s:,.0f} images/s"
+        )
+    print(
+        "\n"
+        + "\n".join(f"- {line}" for line in targets(cells, limit.images_per_s if limit else None, args.bulk_images))
+    )
 
 
 if __name__ == "__main__":

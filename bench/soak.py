@@ -58,8 +58,7 @@ class Tally:
 
     @property
     def tried(self) -> int:
-        return (len(self.accepted) + self.shed + sum(self.other_status.values()) + self.connection_errors
-                + self.hung)  # fmt: skip
+        return len(self.accepted) + self.shed + sum(self.other_status.values()) + self.connection_errors + self.hung
 
 
 # -- the pool of requests with known answers -----------------------------------------------------------------------
@@ -84,8 +83,7 @@ def http(method: str, path: str, body: bytes = b"", content_type: str | None = N
 def pool(checkpoint: Path, size: int) -> list[Known]:
     """`size` distinct requests (a third each: encode, decode, sample) and their answers from the model itself."""
     from service import media
-    from service.predictor import VAEPredictor
-    from service.routes.payloads import generator
+    from service.predictor import VAEPredictor, generator
 
     p = VAEPredictor.load(checkpoint.name, checkpoint, torch.device("cpu"))
     c, h, w = p.input_shape
@@ -104,8 +102,9 @@ def pool(checkpoint: Path, size: int) -> list[Known]:
             z = torch.randn(1, p.latent_dim, generator=torch.Generator().manual_seed(10_000 + i))
             expected = p.predict("decode", {"z": z})["image"].tolist()
             body = json.dumps({"latents": z.tolist(), "encoding": "pixels"}).encode()
-            known.append(Known(f"decode #{i}", http("POST", "/v1/decode", body, "application/json"), "pixels",
-                               expected))  # fmt: skip
+            known.append(
+                Known(f"decode #{i}", http("POST", "/v1/decode", body, "application/json"), "pixels", expected)
+            )
         else:
             expected = p.predict("decode", {"z": p.noise(1, generator(i))})["image"].tolist()
             raw = http("GET", f"/v1/sample?n=1&seed={i}&encoding=pixels")
@@ -131,8 +130,17 @@ async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]
     return int(lines[0][9:12]), headers, body
 
 
-async def client(n: int, clients: int, port: int, known: list[Known], start: float, measure_from: float,
-                 until: float, hang_s: float, tally: Tally) -> None:  # fmt: skip
+async def client(
+    n: int,
+    clients: int,
+    port: int,
+    known: list[Known],
+    start: float,
+    measure_from: float,
+    until: float,
+    hang_s: float,
+    tally: Tally,
+) -> None:
     index = n
     rng = random.Random(n)
     connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
@@ -182,8 +190,10 @@ async def soak(port: int, pid: int, known: list[Known], args: argparse.Namespace
     start = time.monotonic()
     measure_from = start + args.warmup
     until = measure_from + args.duration
-    tasks = [client(n, args.clients, port, known, start, measure_from, until, args.hang_s, tally)
-             for n in range(args.clients)]  # fmt: skip
+    tasks = [
+        client(n, args.clients, port, known, start, measure_from, until, args.hang_s, tally)
+        for n in range(args.clients)
+    ]
 
     async def rss_from_measure() -> None:
         await asyncio.sleep(args.warmup)
@@ -216,8 +226,16 @@ def main(argv: list[str] | None = None) -> int:
 
     known = pool(args.checkpoint, args.pool)
     port = loadgen.free_port()
-    command = loadgen.service_command(args.checkpoint, port, "--cpu-threads", "1", "--queue-size",
-                                      str(args.queue_size), "--max-batch-size", str(args.max_batch_size))  # fmt: skip
+    command = loadgen.service_command(
+        args.checkpoint,
+        port,
+        "--cpu-threads",
+        "1",
+        "--queue-size",
+        str(args.queue_size),
+        "--max-batch-size",
+        str(args.max_batch_size),
+    )
     print(loadgen.machine())
     with loadgen.Server("soak", command, port, ready_path="/readyz") as server:
         pid = server.pid
@@ -227,8 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(1.0)
         ready_after = json.loads(loadgen.fetch(port, "/readyz"))["status"] == "ready"
 
-    wrong = [known[i].label for i, body in tally.answers
-             if not close(json.loads(body).get(known[i].field), known[i].expected)]  # fmt: skip
+    wrong = [
+        known[i].label
+        for i, body in tally.answers
+        if not close(json.loads(body).get(known[i].field), known[i].expected)
+    ]
     latencies = [s for _, s in tally.accepted]
     half = args.warmup + args.duration / 2
     first = [s for t, s in tally.accepted if t < half]
@@ -239,34 +260,76 @@ def main(argv: list[str] | None = None) -> int:
     failed = sum(tally.other_status.values()) + tally.connection_errors + tally.hung
     p99 = ms(latencies, 99)
 
-    print(loadgen.table(
-        ["requests tried", "accepted (200)", "shed (503)", "failed", "wrong answers", "req/s accepted",
-         "p50 ms", "p99 ms", "p99 1st half ms", "p99 2nd half ms"],
-        [[tally.tried, len(tally.accepted), tally.shed, failed, len(wrong), f"{len(latencies) / args.duration:.0f}",
-          f"{ms(latencies, 50):.1f}", f"{p99:.1f}", f"{ms(first, 99):.1f}", f"{ms(second, 99):.1f}"]],
-    ))  # fmt: skip
+    print(
+        loadgen.table(
+            [
+                "requests tried",
+                "accepted (200)",
+                "shed (503)",
+                "failed",
+                "wrong answers",
+                "req/s accepted",
+                "p50 ms",
+                "p99 ms",
+                "p99 1st half ms",
+                "p99 2nd half ms",
+            ],
+            [
+                [
+                    tally.tried,
+                    len(tally.accepted),
+                    tally.shed,
+                    failed,
+                    len(wrong),
+                    f"{len(latencies) / args.duration:.0f}",
+                    f"{ms(latencies, 50):.1f}",
+                    f"{p99:.1f}",
+                    f"{ms(first, 99):.1f}",
+                    f"{ms(second, 99):.1f}",
+                ]
+            ],
+        )
+    )
     print()
-    print(loadgen.table(
-        ["server RSS MiB: when ready", "soak start", "peak during the soak", "end", "growth (last 10% - first 10%)"],
-        [[f"{rss_ready:.0f}", f"{rss[0][1]:.0f}", f"{peak:.0f}", f"{end_rss:.0f}", f"{rss_last - rss_first:+.1f}"]],
-    ))  # fmt: skip
+    print(
+        loadgen.table(
+            [
+                "server RSS MiB: when ready",
+                "soak start",
+                "peak during the soak",
+                "end",
+                "growth (last 10% - first 10%)",
+            ],
+            [[f"{rss_ready:.0f}", f"{rss[0][1]:.0f}", f"{peak:.0f}", f"{end_rss:.0f}", f"{rss_last - rss_first:+.1f}"]],
+        )
+    )
     print()
-    print(f"settings: {args.clients} clients, queue_size {args.queue_size}, max_batch_size {args.max_batch_size}, "
-          f"{args.warmup:g} s warm-up + {args.duration:g} s measured, pool of {len(known)} known requests")
+    print(
+        f"settings: {args.clients} clients, queue_size {args.queue_size}, max_batch_size {args.max_batch_size}, "
+        f"{args.warmup:g} s warm-up + {args.duration:g} s measured, pool of {len(known)} known requests"
+    )
     if tally.other_status or tally.connection_errors or tally.hung:
-        print(f"failures: other statuses {tally.other_status}, connection errors {tally.connection_errors}, "
-              f"hung {tally.hung}")
+        print(
+            f"failures: other statuses {tally.other_status}, connection errors {tally.connection_errors}, "
+            f"hung {tally.hung}"
+        )
     verdicts = [
-        ("sheds load with 503 + Retry-After", tally.shed > 0 and tally.shed_without_retry_after == 0,
-         f"{tally.shed} shed, {tally.shed_without_retry_after} without Retry-After"),
+        (
+            "sheds load with 503 + Retry-After",
+            tally.shed > 0 and tally.shed_without_retry_after == 0,
+            f"{tally.shed} shed, {tally.shed_without_retry_after} without Retry-After",
+        ),
         ("never hangs", tally.hung == 0, f"{tally.hung} requests without an answer within {args.hang_s:g} s"),
         ("no accepted request lost or failed", failed == 0, f"{failed} failed"),
         ("every answer is its own request's", not wrong, f"{len(wrong)} wrong of {len(tally.answers)} checked"),
         ("p99 of accepted bounded", p99 < args.p99_bound_ms, f"{p99:.1f} ms < {args.p99_bound_ms:g} ms"),
-        ("RSS does not grow", rss_last - rss_first < args.rss_growth_mb,
-         f"{rss_last - rss_first:+.1f} MiB < {args.rss_growth_mb:g} MiB"),
+        (
+            "RSS does not grow",
+            rss_last - rss_first < args.rss_growth_mb,
+            f"{rss_last - rss_first:+.1f} MiB < {args.rss_growth_mb:g} MiB",
+        ),
         ("still ready afterwards", ready_after, "/readyz 200"),
-    ]  # fmt: skip
+    ]
     for name, good, detail in verdicts:
         print(f"verdict: {'PASS' if good else 'FAIL'}: {name} ({detail})")
     return 0 if all(good for _, good, _ in verdicts) else 1

@@ -27,8 +27,9 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--checkpoint", default="checkpoints/mnist")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--duration", type=float, default=6.0, help="seconds of load per run (after 1 s of warm-up)")
@@ -52,8 +53,15 @@ def main(argv: list[str] | None = None) -> None:
             busy = sorted((t for t in spent if t != server.pid and spent[t] > 0.01), key=spent.get, reverse=True)
             for tid in [server.pid, *busy]:
                 name = "main (event loop)" if tid == server.pid else f"thread {tid}"
-                rows.append([load, f"{result.rps:,.0f}", name, f"{spent[tid] / max(1, result.requests) * 1e6:,.0f}",
-                             f"{spent[tid] / args.duration:.2f}"])  # fmt: skip
+                rows.append(
+                    [
+                        load,
+                        f"{result.rps:,.0f}",
+                        name,
+                        f"{spent[tid] / max(1, result.requests) * 1e6:,.0f}",
+                        f"{spent[tid] / args.duration:.2f}",
+                    ]
+                )
     name = Path(args.checkpoint).name
     print(f"\n{name}, {args.clients} clients, {args.duration:g} s per load; {loadgen.machine()}\n")
     print(loadgen.table(["load", "req/s", "thread", "CPU µs/request", "cores"], rows, "lrlrr"))

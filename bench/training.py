@@ -36,8 +36,20 @@ from model.vae import VAE, VAEConfig  # noqa: E402
 
 REPO = loadgen.REPO
 # Options of the card's command that a benchmark run replaces (with their number of values).
-REPLACED = {"--epochs": 1, "--out": 1, "--max-minutes": 1, "--eval-k": 1, "--eval-limit": 1, "--data-root": 1,
-            "--threads": 1, "--device": 1, "--name": 1, "--patience": 1, "--no-progress": 0, "--resume": 0}  # fmt: skip
+REPLACED = {
+    "--epochs": 1,
+    "--out": 1,
+    "--max-minutes": 1,
+    "--eval-k": 1,
+    "--eval-limit": 1,
+    "--data-root": 1,
+    "--threads": 1,
+    "--device": 1,
+    "--name": 1,
+    "--patience": 1,
+    "--no-progress": 0,
+    "--resume": 0,
+}
 
 
 def card_command(checkpoint: Path) -> list[str]:
@@ -59,28 +71,65 @@ def flag(words: list[str], name: str, default: str) -> str:
     return words[words.index(name) + 1] if name in words else default
 
 
-def train_run(label: str, flags: list[str], args: argparse.Namespace, processes: int,
-              threads: int) -> dict[str, object]:  # fmt: skip
+def train_run(
+    label: str, flags: list[str], args: argparse.Namespace, processes: int, threads: int
+) -> dict[str, object]:
     """One `model.train` run; the median epoch's images/s from its metrics.csv."""
     with tempfile.TemporaryDirectory(prefix="vae-bench-train-") as tmp:
         out = Path(tmp) / "run"
-        common = [*flags, "--epochs", str(args.epochs), "--out", str(out), "--data-root", args.data_root,
-                  "--threads", str(threads), "--device", args.device, "--eval-k", "2", "--eval-limit", "100",
-                  "--no-progress"]  # fmt: skip
+        common = [
+            *flags,
+            "--epochs",
+            str(args.epochs),
+            "--out",
+            str(out),
+            "--data-root",
+            args.data_root,
+            "--threads",
+            str(threads),
+            "--device",
+            args.device,
+            "--eval-k",
+            "2",
+            "--eval-limit",
+            "100",
+            "--no-progress",
+        ]
         if processes == 1:
             command = [sys.executable, "-m", "model.train", *common]
         else:
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                       str(processes), "-m", "model.train", *common]  # fmt: skip
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                str(processes),
+                "-m",
+                "model.train",
+                *common,
+            ]
         started = time.monotonic()
-        subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, timeout=args.timeout,
-                       env={**os.environ, "OMP_NUM_THREADS": str(threads)})  # fmt: skip
+        subprocess.run(
+            command,
+            cwd=REPO,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=args.timeout,
+            env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+        )
         with (out / "metrics.csv").open() as f:
             rows = list(csv.DictReader(f))
     rates = [float(r["images_per_s"]) for r in rows]
     seconds = [float(r["seconds"]) for r in rows]
-    return {"label": label, "processes": processes, "threads": threads, "images_per_s": statistics.median(rates),
-            "epoch_s": statistics.median(seconds), "wall_s": time.monotonic() - started}  # fmt: skip
+    return {
+        "label": label,
+        "processes": processes,
+        "threads": threads,
+        "images_per_s": statistics.median(rates),
+        "epoch_s": statistics.median(seconds),
+        "wall_s": time.monotonic() - started,
+    }
 
 
 def raw_step_rate(checkpoint: Path, flags: list[str], threads: int, device: str, seconds: float) -> float:
@@ -110,15 +159,20 @@ def raw_step_rate(checkpoint: Path, flags: list[str], threads: int, device: str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--checkpoint", default="checkpoints/mnist", help="its card's training command is the workload")
     p.add_argument("--data-root", default=os.environ.get("VAE_DATA_ROOT", str(REPO.parent / "shared" / "data")))
     p.add_argument("--epochs", type=int, default=2, help="epochs per run (the median epoch is reported)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of a single process")
-    p.add_argument("--runs", nargs="+", default=["single", "single-1thread", "ddp"],
-                   choices=["single", "single-1thread", "ddp"],
-                   help="single: 1 process x --threads; single-1thread; ddp: 2 processes x --threads/2 threads")
+    p.add_argument(
+        "--runs",
+        nargs="+",
+        default=["single", "single-1thread", "ddp"],
+        choices=["single", "single-1thread", "ddp"],
+        help="single: 1 process x --threads; single-1thread; ddp: 2 processes x --threads/2 threads",
+    )
     p.add_argument("--raw-seconds", type=float, default=5.0, help="length of the raw-step measurement")
     p.add_argument("--timeout", type=float, default=900, help="the longest one run may take (s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (CUDA absent: prints why and skips)")
@@ -138,10 +192,20 @@ def main(argv: list[str] | None = None) -> None:
     rows = [["raw step, one fixed batch", 1, args.threads, f"{raw:,.0f}", "-", "1.00"]]
     for r in runs:
         rate = float(r["images_per_s"])  # type: ignore[arg-type]
-        rows.append([f"model.train epoch ({r['label']})", r["processes"], r["threads"], f"{rate:,.0f}",
-                     f"{r['epoch_s']:.1f}", f"{rate / raw:.2f}"])  # fmt: skip
-    print(f"\n{checkpoint.name}: {' '.join(flags)}; {args.epochs} epoch(s) per run on {args.device}; "
-          f"{loadgen.machine()}\n")  # fmt: skip
+        rows.append(
+            [
+                f"model.train epoch ({r['label']})",
+                r["processes"],
+                r["threads"],
+                f"{rate:,.0f}",
+                f"{r['epoch_s']:.1f}",
+                f"{rate / raw:.2f}",
+            ]
+        )
+    print(
+        f"\n{checkpoint.name}: {' '.join(flags)}; {args.epochs} epoch(s) per run on {args.device}; "
+        f"{loadgen.machine()}\n"
+    )
     print(loadgen.table(["what", "processes", "threads each", "images/s", "epoch s", "vs raw step"], rows))
     if "ddp" in by:
         ddp = float(by["ddp"]["images_per_s"])  # type: ignore[arg-type]
@@ -149,8 +213,10 @@ def main(argv: list[str] | None = None) -> None:
         for name in ("single", "single-1thread"):
             if name in by:
                 r = by[name]
-                print(f"2-process data-parallel speed-up over 1 process x {r['threads']} thread(s): "
-                      f"{ddp / float(r['images_per_s']):.2f}x")  # type: ignore[arg-type]
+                print(
+                    f"2-process data-parallel speed-up over 1 process x {r['threads']} thread(s): "
+                    f"{ddp / float(r['images_per_s']):.2f}x"
+                )  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

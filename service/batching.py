@@ -60,9 +60,19 @@ class MicroBatcher:
     stopping); an exception from `forward` reaches only the requests whose items were in the failing call.
     """
 
-    def __init__(self, name: str, forward: Forward, executor: Executor, *, mergeable: frozenset[str],
-                 max_batch_size: int, max_wait_ms: float, queue_size: int, batching: bool = True,
-                 retry_after_s: int = 1, observer: BatchObserver | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        forward: Forward,
+        executor: Executor,
+        *,
+        mergeable: frozenset[str],
+        max_batch_size: int,
+        max_wait_ms: float,
+        queue_size: int,
+        batching: bool = True,
+        observer: BatchObserver | None = None,
+    ) -> None:
         self.name = name
         self._forward = forward
         self._executor = executor
@@ -71,7 +81,6 @@ class MicroBatcher:
         self._max_wait = max_wait_ms / 1000.0
         self._queue_size = queue_size
         self._batching = batching
-        self._retry_after = str(retry_after_s)
         self._observer = observer or BatchObserver()
         self._queue: deque[Item] = deque()
         self._queued = 0  # images waiting
@@ -105,8 +114,15 @@ class MicroBatcher:
         return self._queued
 
     # -- the caller's side -------------------------------------------------------------------------------------------
-    async def submit(self, op: str, inputs: Tensors, arg: Any = None, *, timeout: float,
-                     cancel_on: Callable[[], Awaitable[Any]] | None = None) -> Tensors:  # fmt: skip
+    async def submit(
+        self,
+        op: str,
+        inputs: Tensors,
+        arg: Any = None,
+        *,
+        timeout: float,
+        cancel_on: Callable[[], Awaitable[Any]] | None = None,
+    ) -> Tensors:
         """Queue `inputs` and wait for the outputs. `cancel_on()` (e.g. "the client disconnected"): when it completes
         first, the request's items are withdrawn (a queued item is then skipped) and ClientDisconnected is raised."""
         if self._task is None or self._stopping:
@@ -118,10 +134,7 @@ class MicroBatcher:
         else:
             chunks = [inputs]
         if self._queued + n > self._queue_size:
-            raise Overloaded(
-                f"model {self.name!r} is overloaded ({self._queued} images queued); retry later",
-                headers={"Retry-After": self._retry_after},
-            )
+            raise Overloaded(f"model {self.name!r} is overloaded ({self._queued} images queued); retry later")
         loop = asyncio.get_running_loop()
         group: Hashable = (op, tuple(sorted(inputs))) if mergeable and self._batching else object()
         items = []
@@ -275,8 +288,11 @@ class MicroBatcher:
                 out = self._forward(first.op, inputs, first.arg)
                 sizes = [item.size for item in live]
                 self._observer.batch(self.name, first.op, sum(sizes), time.perf_counter() - started)
-                split = {k: torch.split(v, sizes) for k, v in out.items()}
-                by_item = {id(item): {k: split[k][j] for k in out} for j, item in enumerate(live)}
+                if len(live) == 1:  # whole: an unmergeable op's outputs need not have one row per input
+                    by_item = {id(first): out}
+                else:
+                    split = {k: torch.split(v, sizes) for k, v in out.items()}
+                    by_item = {id(item): {k: split[k][j] for k in out} for j, item in enumerate(live)}
                 results.append([by_item.get(id(item)) for item in items])
             except Exception as e:
                 logger.error("forward %s for model %r failed: %s: %s", first.op, self.name, type(e).__name__, e)

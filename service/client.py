@@ -125,46 +125,93 @@ class VAEClient:
     def model_card(self, name: str) -> dict[str, Any]:
         return dict(self._check(self.http.get(f"/v1/models/{name}")).json())
 
-    def encode(self, images: Sequence[Any], *, sample: bool = False, seed: int | None = None,
-               model: str | None = None) -> dict[str, Any]:  # fmt: skip
+    def encode(
+        self, images: Sequence[Any], *, sample: bool = False, seed: int | None = None, model: str | None = None
+    ) -> dict[str, Any]:
         """Posterior mean and log-variance per image (and a sample z when `sample`)."""
         return dict(self._upload("/v1/encode", images, sample=sample, seed=seed, model=model))
 
-    def decode(self, latents: Sequence[Sequence[float]], *, format: str = "json", encoding: str = "png",
-               model: str | None = None) -> Any:  # fmt: skip
+    def decode(
+        self,
+        latents: Sequence[Sequence[float]],
+        *,
+        format: str = "json",
+        encoding: str = "png",
+        model: str | None = None,
+    ) -> Any:
         """Images of latent vectors: JSON (base64 PNGs or pixel arrays) or one PNG grid (format='png')."""
-        return self._post_json("/v1/decode", {"latents": [list(z) for z in latents], "encoding": encoding,
-                                              "model": model}, format)  # fmt: skip
+        return self._post_json(
+            "/v1/decode", {"latents": [list(z) for z in latents], "encoding": encoding, "model": model}, format
+        )
 
-    def sample(self, n: int = 16, *, seed: int | None = None, temperature: float = 1.0, format: str = "json",
-               encoding: str = "png", model: str | None = None) -> Any:  # fmt: skip
+    def sample(
+        self,
+        n: int = 16,
+        *,
+        seed: int | None = None,
+        temperature: float = 1.0,
+        format: str = "json",
+        encoding: str = "png",
+        model: str | None = None,
+    ) -> Any:
         """n images from the prior: JSON, or a PNG grid (format='png')."""
-        return self._get("/v1/sample", format, n=n, seed=seed, temperature=temperature, encoding=encoding,
-                         model=model)  # fmt: skip
+        return self._get("/v1/sample", format, n=n, seed=seed, temperature=temperature, encoding=encoding, model=model)
 
-    def reconstruct(self, images: Sequence[Any], *, seed: int = 0, binarize: bool | None = None,
-                    format: str = "json", encoding: str = "png", model: str | None = None) -> Any:  # fmt: skip
+    def reconstruct(
+        self,
+        images: Sequence[Any],
+        *,
+        seed: int = 0,
+        binarize: bool | None = None,
+        format: str = "json",
+        encoding: str = "png",
+        model: str | None = None,
+    ) -> Any:
         """Reconstructions with each image's ELBO, reconstruction term and KL."""
-        return self._upload("/v1/reconstruct", images, format, seed=seed, binarize=binarize, encoding=encoding,
-                            model=model)  # fmt: skip
+        return self._upload(
+            "/v1/reconstruct", images, format, seed=seed, binarize=binarize, encoding=encoding, model=model
+        )
 
-    def score(self, images: Sequence[Any], *, k: int = 100, seed: int = 0, binarize: bool | None = None,
-              model: str | None = None) -> dict[str, Any]:  # fmt: skip
+    def score(
+        self,
+        images: Sequence[Any],
+        *,
+        k: int = 100,
+        seed: int = 0,
+        binarize: bool | None = None,
+        model: str | None = None,
+    ) -> dict[str, Any]:
         """ELBO and importance-weighted log-likelihood per image (nats and bits/dim)."""
         return dict(self._upload("/v1/score", images, k=k, seed=seed, binarize=binarize, model=model))
 
-    def interpolate(self, start: Any, end: Any, *, steps: int = 8, path: str = "linear", format: str = "json",
-                    encoding: str = "png", model: str | None = None) -> Any:  # fmt: skip
+    def interpolate(
+        self,
+        start: Any,
+        end: Any,
+        *,
+        steps: int = 8,
+        path: str = "linear",
+        format: str = "json",
+        encoding: str = "png",
+        model: str | None = None,
+    ) -> Any:
         """Frames between two images, or two latent vectors (sequences of floats): JSON, PNG strip or GIF."""
         if _is_latent(start) and _is_latent(end):
-            body = {"latents": [list(start), list(end)], "steps": steps, "path": path, "encoding": encoding,
-                    "model": model}  # fmt: skip
+            body = {
+                "latents": [list(start), list(end)],
+                "steps": steps,
+                "path": path,
+                "encoding": encoding,
+                "model": model,
+            }
             return self._post_json("/v1/interpolate", body, format)
-        return self._upload("/v1/interpolate", [start, end], format, steps=steps, path=path, encoding=encoding,
-                            model=model)  # fmt: skip
+        return self._upload(
+            "/v1/interpolate", [start, end], format, steps=steps, path=path, encoding=encoding, model=model
+        )
 
-    def manifold(self, steps: int = 15, *, format: str = "json", encoding: str = "png",
-                 model: str | None = None) -> Any:  # fmt: skip
+    def manifold(
+        self, steps: int = 15, *, format: str = "json", encoding: str = "png", model: str | None = None
+    ) -> Any:
         """The decoded grid over the model's 2-D latent plane."""
         return self._get("/v1/manifold", format, steps=steps, encoding=encoding, model=model)
 

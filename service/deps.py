@@ -1,9 +1,7 @@
-"""Access to app.state for the routes: Annotated dependency aliases, and plain accessors for the hot path.
+"""Annotated dependency aliases over app.state, as the FastAPI template's api/deps.py has them.
 
-The model verbs (routes/vae.py) call `registry(request)` / `settings(request)` directly: every FastAPI dependency
-is one more resolution step per request, and those routes are the ones measured by requests/s. The API key is
-checked before routing, by service.security.APIKeyMiddleware.
-"""
+`async def` on purpose: FastAPI runs plain `def` dependencies in a thread pool, a thread hop per request. The API
+key is checked before routing, by service.security.APIKeyMiddleware."""
 
 from __future__ import annotations
 
@@ -16,30 +14,21 @@ from service.registry import ModelRegistry
 from service.settings import Settings
 
 
-def settings(request: Request) -> Settings:
-    value: Settings = request.app.state.settings
-    return value
-
-
-def registry(request: Request) -> ModelRegistry:
-    value: ModelRegistry = request.app.state.registry
-    return value
-
-
 async def get_settings(request: Request) -> Settings:
-    return settings(request)
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 async def get_registry(request: Request) -> ModelRegistry:
-    return registry(request)
+    registry: ModelRegistry = request.app.state.registry
+    return registry
 
 
 async def get_metrics(request: Request) -> Metrics:
-    value: Metrics = request.app.state.metrics
-    return value
+    metrics: Metrics = request.app.state.metrics
+    return metrics
 
 
-# `async def` on purpose: FastAPI runs plain `def` dependencies in a thread pool, a thread hop per request.
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]

@@ -23,10 +23,9 @@ class ServiceError(Exception):
     status: int = 500
     code: str = "internal_error"
 
-    def __init__(self, detail: str, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
-        self.headers = dict(headers or {})
 
 
 class InvalidPayload(ServiceError):
@@ -121,6 +120,18 @@ class ClientDisconnected(ServiceError):
     status, code = 499, "client_disconnected"
 
 
+def limit_hint(setting: str) -> str:
+    """How an operator raises a limit, for every error that enforces one: the setting's variable and flag."""
+    return f"(the server's setting VAE_{setting.upper()} / --{setting.replace('_', '-')})"
+
+
+class LimitExceeded(InvalidInput):
+    """422: a request parameter over one of the server's limits; the message names the setting that raises it."""
+
+    def __init__(self, message: str, setting: str) -> None:
+        super().__init__(f"{message} {limit_hint(setting)}")
+
+
 class StartupError(Exception):
     """Start-up cannot complete (no checkpoints, a bad checkpoint, a missing default model, an unusable device).
     Not an HTTP error: the server stops with this one message."""
@@ -156,9 +167,17 @@ def _summarise(exc: RequestValidationError) -> str:
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
+def _headers(request: Request, exc: ServiceError) -> dict[str, str]:
+    if isinstance(exc, Overloaded):
+        return {"Retry-After": str(request.app.state.settings.retry_after_s)}
+    if isinstance(exc, BodyTimeout):
+        return {"Connection": "close"}  # the rest of the body may still come: this connection is done
+    return {}
+
+
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    return error_response(exc.status, exc.code, exc.detail, exc.headers)
+    return error_response(exc.status, exc.code, exc.detail, _headers(request, exc))
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

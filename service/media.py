@@ -17,7 +17,7 @@ try:  # libspng's Python binding: ~6x faster than Pillow on a small PNG; not bui
 except ImportError:  # pragma: no cover - the Pillow path below serves every image either way
     pyspng = None
 
-from service.errors import ImageTooLarge, InvalidPayload
+from service.errors import ImageTooLarge, InvalidPayload, limit_hint
 
 FORMATS = ("PNG", "JPEG")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -45,7 +45,10 @@ def open_image(data: bytes, max_pixels: int, what: str = "image") -> Image.Image
         raise InvalidPayload(f"{what} cannot be read: {e}") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageTooLarge(f"{what} is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+        raise ImageTooLarge(
+            f"{what} is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
+            f"{limit_hint('max_image_pixels')}"
+        )
     return image
 
 

@@ -21,26 +21,39 @@ class Metrics(BatchObserver):
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "vae_http_requests", "HTTP requests by endpoint and status", ["method", "path", "status"],
+            "vae_http_requests",
+            "HTTP requests by endpoint and status",
+            ["method", "path", "status"],
             registry=self.registry,
-        )  # fmt: skip
+        )
         self.latency = Histogram(
-            "vae_http_request_duration_seconds", "HTTP request latency by endpoint and status",
-            ["method", "path", "status"], buckets=LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+            "vae_http_request_duration_seconds",
+            "HTTP request latency by endpoint and status",
+            ["method", "path", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.in_flight = Gauge("vae_http_requests_in_flight", "requests being handled", registry=self.registry)
         self.batch_size = Histogram(
-            "vae_batch_size", "images per forward pass", ["model", "op"], buckets=BATCH_BUCKETS,
+            "vae_batch_size",
+            "images per forward pass",
+            ["model", "op"],
+            buckets=BATCH_BUCKETS,
             registry=self.registry,
-        )  # fmt: skip
+        )
         self.forward_seconds = Histogram(
-            "vae_forward_duration_seconds", "time of one batched forward pass", ["model", "op"],
-            buckets=LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
-        self.images = Counter(
-            "vae_images_processed", "images (or latents) through forward passes", ["model", "op"],
+            "vae_forward_duration_seconds",
+            "time of one batched forward pass",
+            ["model", "op"],
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
-        )  # fmt: skip
+        )
+        self.images = Counter(
+            "vae_images_processed",
+            "images (or latents) through forward passes",
+            ["model", "op"],
+            registry=self.registry,
+        )
         self.queue = Gauge("vae_queue_depth", "images waiting for a forward pass", ["model"], registry=self.registry)
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self._queues: dict[str, Any] = {}

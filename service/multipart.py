@@ -108,8 +108,13 @@ def split_full(body: bytes, boundary: bytes, max_parts: int) -> list[Raw]:
         headers.clear()
         chunks.clear()
 
-    callbacks = {"on_header_field": on_header_field, "on_header_value": on_header_value,
-                 "on_header_end": on_header_end, "on_part_data": on_part_data, "on_part_end": on_part_end}  # fmt: skip
+    callbacks = {
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+        "on_part_data": on_part_data,
+        "on_part_end": on_part_end,
+    }
     try:
         parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
         parser.write(body)

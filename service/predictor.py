@@ -1,20 +1,23 @@
 """VAEPredictor: one loaded checkpoint and its verbs, following LitServe's LitAPI contract.
 
-    setup            load the checkpoint, move it to the device, warm it up            (lifespan, once)
-    decode_request   bytes / pixel arrays / latents -> validated tensors               (request handlers)
-    predict          one batched forward under inference_mode                          (batcher's worker thread)
-    encode_response  tensors -> PIL images, grids                                      (request handlers)
+    load / warmup    load the checkpoint, move it to the device, warm it up          (registry, once)
+    decode_request   a Call (service.decoding) -> a Job: validated tensors           (event loop)
+    predict          one batched forward under inference_mode                        (the batcher's worker thread)
+    encode_response  the Job's outputs -> an Answer of plain values                  (event loop)
 
 Everything that can reject a request happens in decode_request, before the item joins a batch, so one bad item
-never fails its batch-mates.
+never fails its batch-mates. Nothing here knows HTTP: errors are service.errors' domain exceptions, and
+service.rendering turns the Answer into a response.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import math
+import random
 import threading
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,17 @@ from model import checkpoint, latent, losses, preprocess
 from model.vae import VAE, VAEConfig, VAEOutput, randn
 from service import media
 from service.errors import InvalidInput, OutOfMemory, UnsupportedForModel
+from service.schemas import (
+    Answer,
+    Call,
+    DecodeRequest,
+    EncodeRequest,
+    InterpolateRequest,
+    ManifoldRequest,
+    ReconstructRequest,
+    SampleRequest,
+    ScoreRequest,
+)
 
 logger = logging.getLogger("vae_serve")
 
@@ -33,7 +47,7 @@ Tensors = dict[str, torch.Tensor]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Operations whose items from different requests can share one forward pass. "score" cannot: its importance
 # samples come from each request's own generator inside model.losses, so each request runs on its own.
-MERGEABLE_OPS = frozenset({"encode", "decode", "reconstruct"})
+MERGEABLE_OPS = frozenset({"encode", "decode", "sample", "reconstruct"})
 # Half the prior's central 90% interval for 2-D maps (the paper's Fig. 4 spans the prior's inverse CDF); for
 # larger latents the same number of standard deviations along each principal direction of the training codes.
 MANIFOLD_SPAN = 1.645
@@ -41,6 +55,38 @@ MANIFOLD_SPAN = 1.645
 # at most LARGE_DECODES of them run at once in the process: concurrent big uploads wait instead of adding up.
 LARGE_IMAGE_PIXELS = 1024 * 1024
 LARGE_DECODES = threading.BoundedSemaphore(2)
+# Uploads up to this many pixels are decoded on the event loop (tens of microseconds); larger ones in a thread.
+INLINE_PIXELS = 256 * 256
+
+
+@dataclass
+class Job:
+    """A request as tensors for one model: what the batcher runs (`op` on `inputs`, plus `arg` for ops that cannot
+    share a forward), and what encode_response needs besides the outputs."""
+
+    op: str
+    inputs: Tensors
+    arg: Any = None
+    seed: int | None = None
+    binarized: bool = False
+    plane: dict[str, Any] | None = None  # a manifold's basis, center, directions and span
+    notes: list[str] = field(default_factory=list)  # inputs resized or converted to the model's channels
+
+
+def fresh_seed() -> int:
+    return random.getrandbits(63)
+
+
+def generator(seed: int) -> torch.Generator:
+    """A request's own CPU generator: its draws never depend on what else is in the batch, nor on the device."""
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def float32_rows(t: torch.Tensor) -> np.ndarray:
+    """A (N, ...) CPU float32 tensor as a C-contiguous array, for the answer's rows: service.rendering writes each
+    number as the shortest decimal that reads back as the same float32 (orjson refuses strided arrays, and a model's
+    outputs are often column slices of one tensor)."""
+    return np.ascontiguousarray(t.numpy())
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -70,9 +116,18 @@ class VAEPredictor:
     `predict` takes already-validated CPU tensors with a leading batch dimension and returns CPU float32 tensors.
     """
 
-    def __init__(self, name: str, model: VAE, card: dict[str, Any], path: Path, device: torch.device,
-                 dtype: torch.dtype) -> None:  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        model: VAE,
+        card: dict[str, Any],
+        path: Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_image_pixels: int = 4096 * 4096,
+    ) -> None:
         self.name = name
+        self.max_image_pixels = max_image_pixels
         self.model = model
         self.card = card
         self.path = path
@@ -82,13 +137,20 @@ class VAEPredictor:
 
     # -- setup ---------------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, name: str, path: Path, device: torch.device, dtype_name: str = "float32") -> VAEPredictor:
+    def load(
+        cls,
+        name: str,
+        path: Path,
+        device: torch.device,
+        dtype_name: str = "float32",
+        max_image_pixels: int = 4096 * 4096,
+    ) -> VAEPredictor:
         """Validate and load `path` (raises checkpoint.CheckpointError). Half precision applies on GPU only."""
         model, card = checkpoint.load(path, device)
         dtype = DTYPES[dtype_name] if device.type == "cuda" else torch.float32
         model = model.to(dtype=dtype)
         model.requires_grad_(False)
-        return cls(name, model, card, path, device, dtype)
+        return cls(name, model, card, path, device, dtype, max_image_pixels)
 
     def warmup(self) -> None:
         """One small forward of each mergeable op, so the first request pays no lazy-initialisation cost."""
@@ -96,6 +158,7 @@ class VAEPredictor:
         x = torch.full((2, c, h, w), 0.5)
         self.predict("encode", {"x": x})
         self.predict("decode", {"z": torch.zeros(2, self.config.latent_dim)})
+        self.predict("sample", {"eps": torch.zeros(2, self.config.latent_dim), "temperature": torch.ones(2)})
         self.predict("reconstruct", {"x": x, "eps": torch.zeros(2, self.config.latent_dim)})
 
     # -- facts -----------------------------------------------------------------------------------------------------
@@ -143,7 +206,104 @@ class VAEPredictor:
             "card": card,
         }
 
-    # -- decode_request -------------------------------------------------------------------------------------------
+    # -- decode_request: a Call -> a Job of validated tensors ---------------------------------------------------------
+    async def decode_request(self, call: Call[Any]) -> Job:
+        """The request as tensors for this model, checked against its shapes; raises InvalidPayload, ImageTooLarge,
+        InvalidInput or UnsupportedForModel before anything joins a batch, so one bad item never fails its
+        batch-mates. Seeds are drawn here, and every random number a request uses comes from its own generator,
+        so its answer never depends on what it is batched with."""
+        params = call.params
+        if isinstance(params, EncodeRequest):
+            x, notes = await self.images(call)
+            if not params.sample:
+                return Job("encode", {"x": x}, notes=notes)
+            seed = params.seed if params.seed is not None else fresh_seed()
+            return Job("encode", {"x": x, "eps": self.noise(len(x), generator(seed))}, seed=seed, notes=notes)
+        if isinstance(params, DecodeRequest):
+            return Job("decode", {"z": self.latents_tensor(params.latents)})
+        if isinstance(params, SampleRequest):
+            seed = params.seed if params.seed is not None else fresh_seed()
+            eps = self.noise(params.n, generator(seed))
+            # Through float64: a temperature past float32's range becomes inf, refused once decoded, not an error here.
+            temperature = torch.full((params.n,), params.temperature, dtype=torch.float64).float()
+            return Job("sample", {"eps": eps, "temperature": temperature}, seed=seed)
+        if isinstance(params, ReconstructRequest | ScoreRequest):
+            if isinstance(params, ScoreRequest):
+                self.require_vae("scoring (ELBO and log-likelihood)")
+            x, notes = await self.images(call)
+            g = generator(params.seed)
+            binarized = self.bernoulli and params.binarize is not False
+            if binarized:
+                x = preprocess.binarize(x, g)  # as Bernoulli models were trained and evaluated
+            if isinstance(params, ScoreRequest):
+                return Job("score", {"x": x}, (params.k, g), seed=params.seed, binarized=binarized, notes=notes)
+            eps = self.noise(len(x), g)
+            return Job("reconstruct", {"x": x, "eps": eps}, seed=params.seed, binarized=binarized, notes=notes)
+        if isinstance(params, InterpolateRequest):
+            path = (params.steps, params.path)
+            if params.latents is None:
+                x, notes = await self.images(call, exactly=2)
+                return Job("interpolate", {"x": x}, path, notes=notes)
+            if call.files or params.pixels:
+                raise InvalidInput("send two images or two latents, not both")
+            if len(params.latents) != 2:
+                raise InvalidInput(f"send exactly 2 latents (got {len(params.latents)})")
+            return Job("interpolate", {"z": self.latents_tensor(params.latents)}, path)
+        if isinstance(params, ManifoldRequest):
+            codes, plane = self.manifold_codes(params.steps)
+            return Job("decode", {"z": codes}, plane=plane)
+        raise TypeError(f"no request of type {type(params).__name__}")
+
+    async def images(self, call: Call[Any], exactly: int | None = None) -> tuple[torch.Tensor, list[str]]:
+        """The Call's files or pixel arrays -> (N, C, H, W) in [0, 1] for this model, and a note for each image
+        that had to be resized or converted to the model's channels. Uploads are decoded on the event loop when
+        that is cheap (an 8-bit PNG at the model's size by libspng, any image up to INLINE_PIXELS by Pillow), in a
+        thread otherwise."""
+        pixels = getattr(call.params, "pixels", None) or []
+        n = len(call.files) + len(pixels)
+        if exactly is not None and n != exactly:
+            raise InvalidInput(f"send exactly {exactly} images (got {n})")
+        if n == 0:
+            raise InvalidInput("no images: upload files in field 'image', or send 'images' (base64) or 'pixels'")
+        if pixels:
+            return torch.stack([self.pixels_tensor(v, f"pixels[{i}]") for i, v in enumerate(pixels)]), []
+        parts: list[np.ndarray | torch.Tensor] = []
+        notes: list[str] = []
+        for data, name in zip(call.files, call.names, strict=True):
+            part = self.inline_image(data, name)
+            if isinstance(part, Image.Image):
+                part = await asyncio.to_thread(self.image_tensor, part, name)
+            parts.append(part)
+            if not isinstance(part, np.ndarray):  # uint8 pixels are at the model's size and mode already
+                note = self.conversion(data, name)
+                if note:
+                    notes.append(note)
+        return self.stack_images(parts), notes
+
+    def inline_image(self, data: bytes, name: str) -> np.ndarray | torch.Tensor | Image.Image:
+        """One encoded image -> the model's input when that is cheap enough for the event loop: an 8-bit PNG at the
+        model's size and mode by libspng (uint8 (H, W, C)), any image up to INLINE_PIXELS by Pillow. A larger one
+        comes back opened but not decoded, for image_tensor in a thread."""
+        ready = media.ready_png(data, self.input_shape)
+        if ready is not None:
+            return ready
+        image = media.open_image(data, self.max_image_pixels, name)
+        if image.width * image.height <= INLINE_PIXELS:
+            return self.image_input(image, name)
+        return image
+
+    def conversion(self, data: bytes, name: str) -> str | None:
+        """What converting an (already validated) image to the model's input does to it; None when nothing changes."""
+        image = media.open_image(data, self.max_image_pixels, name)
+        c, h, w = self.input_shape
+        mode = preprocess.MODES.get(c)
+        changes = []
+        if image.size != (w, h):
+            changes.append(f"resized from {image.width}x{image.height} to {w}x{h}")
+        if image.mode != mode:
+            changes.append(f"converted from {image.mode} to {mode}")
+        return f"{name} {' and '.join(changes)}" if changes else None
+
     def image_tensor(self, image: Image.Image, what: str = "image") -> torch.Tensor:
         """An opened image (media.open_image) of any size and mode -> (C, H, W) in [0, 1], converted exactly as
         training did. Raises InvalidPayload for truncated or corrupt data. Blocks while LARGE_DECODES large images
@@ -163,8 +323,9 @@ class VAEPredictor:
         arrays = [part for part in parts if isinstance(part, np.ndarray)]
         if len(arrays) == len(parts):
             return preprocess.unit_floats(np.stack(arrays) if len(arrays) > 1 else arrays[0][None])
-        return torch.stack([part if isinstance(part, torch.Tensor) else preprocess.unit_floats(part[None])[0]
-                            for part in parts])  # fmt: skip
+        return torch.stack(
+            [part if isinstance(part, torch.Tensor) else preprocess.unit_floats(part[None])[0] for part in parts]
+        )
 
     def pixels_tensor(self, value: Any, what: str = "pixels") -> torch.Tensor:
         """A pixel array in [0, 1] shaped (C, H, W), (H, W) for one channel, or flat C*H*W -> (C, H, W)."""
@@ -223,12 +384,12 @@ class VAEPredictor:
             basis = "principal_directions"
         span = MANIFOLD_SPAN * stddevs
         codes = latent.manifold_grid(steps, center, directions, span)
-        return codes, {"basis": basis, "center": center.tolist(), "directions": directions.tolist(),
-                       "span": span.tolist()}  # fmt: skip
-
-    def interpolation_path(self, z0: torch.Tensor, z1: torch.Tensor, steps: int, kind: str) -> torch.Tensor:
-        """`steps` codes from z0 to z1, ends included, along a straight line or a great circle -> (steps, D)."""
-        return (latent.slerp if kind == "spherical" else latent.lerp)(z0, z1, steps)
+        return codes, {
+            "basis": basis,
+            "center": center.tolist(),
+            "directions": directions.tolist(),
+            "span": span.tolist(),
+        }
 
     # -- predict (worker thread only) ------------------------------------------------------------------------------
     def predict(self, op: str, inputs: Tensors, arg: Any = None) -> Tensors:
@@ -249,39 +410,48 @@ class VAEPredictor:
             what = "a single image" if op in MERGEABLE_OPS else f"{op} of {n} images (send fewer, or a smaller k)"
             raise OutOfMemory(f"model {self.name!r} ran out of memory on {self.device} for {what}")
         logger.warning("%s of %d images ran out of memory on %s; retrying in halves", op, n, self.device)
-        halves = [self.predict(op, {k: v[i : i + (n + 1) // 2] for k, v in inputs.items()}, arg)
-                  for i in (0, (n + 1) // 2)]  # fmt: skip
+        halves = [
+            self.predict(op, {k: v[i : i + (n + 1) // 2] for k, v in inputs.items()}, arg) for i in (0, (n + 1) // 2)
+        ]
         return {k: torch.cat([h[k] for h in halves]) for k in halves[0]}
 
     def _forward(self, op: str, inputs: Tensors, arg: Any) -> Tensors:
         with torch.inference_mode():
-            moved = {k: v.to(self.device, self.dtype, non_blocking=True) for k, v in inputs.items()}
+            t = {k: v.to(self.device, self.dtype, non_blocking=True) for k, v in inputs.items()}
             if op == "encode":
-                out = self._encode(**moved)
+                out = self._encode(t["x"], t.get("eps"))
             elif op == "decode":
-                out = self._decode(**moved)
+                out = {"image": self._images(t["z"])}
+            elif op == "sample":
+                z = t["eps"] * t["temperature"][:, None]
+                out = {"z": z, "image": self._images(z)}
             elif op == "reconstruct":
-                out = self._reconstruct(**moved)
+                out = self._reconstruct(t["x"], t["eps"])
             elif op == "score":
-                k, generator = arg
-                out = self._score(moved["x"], k, generator)
+                k, g = arg
+                out = self._score(t["x"], k, g)
+            elif op == "interpolate":
+                steps, path = arg
+                ends = self.model.encode(t["x"])[0] if "x" in t else t["z"]
+                z = (latent.slerp if path == "spherical" else latent.lerp)(ends[0], ends[1], steps)
+                out = {"z": z, "image": self._images(z)}
             else:
                 raise ValueError(f"unknown op {op!r}")
             return {k: v.float().cpu() for k, v in out.items()}
+
+    def _images(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model.mean_image(self.model.decode(z))
 
     def _reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         # VAE.reparameterize with pre-drawn noise (see `noise`); the plain autoencoder's code is its mean.
         return mu if not self.is_vae else mu + torch.exp(0.5 * logvar) * eps
 
-    def _encode(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> Tensors:
+    def _encode(self, x: torch.Tensor, eps: torch.Tensor | None) -> Tensors:
         mu, logvar = self.model.encode(x)
         out = {"mu": mu, "logvar": logvar}
         if eps is not None:
             out["z"] = self._reparameterize(mu, logvar, eps)
         return out
-
-    def _decode(self, z: torch.Tensor) -> Tensors:
-        return {"image": self.model.mean_image(self.model.decode(z))}
 
     def _reconstruct(self, x: torch.Tensor, eps: torch.Tensor) -> Tensors:
         """Reconstruction from the posterior mean (deterministic) and the one-sample ELBO terms."""
@@ -297,16 +467,57 @@ class VAEPredictor:
         ll = losses.iwae_log_likelihood(self.model, x, k=k, generator=generator)
         return {"elbo": terms.elbo, "recon": terms.recon, "kl": terms.kl, "log_likelihood": ll}
 
-    # -- encode_response -------------------------------------------------------------------------------------------
+    # -- encode_response: the outputs -> an Answer of plain values ---------------------------------------------------
+    def encode_response(self, job: Job, out: Tensors, call: Call[Any]) -> Answer:
+        """The batch's outputs for this request -> the Answer's fields and images (no HTTP here). Latents far
+        outside the prior (finite, but huge) can overflow the decoder: that is the request's fault, a 422 here,
+        never NaN pixels."""
+        params = call.params
+        encoding = getattr(params, "encoding", "png")
+        fields: dict[str, Any] = {"model": self.name}
+        if "image" in out and "elbo" not in out:
+            z = out.get("z", job.inputs.get("z"))
+            if not bool(torch.isfinite(out["image"]).all()) or (z is not None and not bool(torch.isfinite(z).all())):
+                raise InvalidInput("the latents are too large: they or the decoder's output overflow float32")
+        if job.op == "encode":
+            keys = [k for k in ("mu", "logvar", "z") if k in out]  # Posterior's fields
+            rows = zip(*(float32_rows(out[k]) for k in keys), strict=True)
+            fields |= {
+                "latent_dim": self.latent_dim,
+                "seed": job.seed,
+                "results": [dict(zip(keys, row, strict=True)) for row in rows],
+            }
+            return Answer(fields, notes=job.notes)
+        if job.op == "score":
+            rows = zip(*(out[key].tolist() for key in ("elbo", "recon", "kl", "log_likelihood")), strict=True)
+            results = [
+                {
+                    "elbo": e,
+                    "recon": r,
+                    "kl": k,
+                    "elbo_bits_per_dim": self.bits_per_dim(-e),
+                    "log_likelihood": ll,
+                    "bits_per_dim": self.bits_per_dim(-ll),
+                }
+                for e, r, k, ll in rows
+            ]
+            fields |= {"k": params.k, "seed": job.seed, "binarized": job.binarized, "results": results}
+            return Answer(fields, notes=job.notes)
+        if job.op == "reconstruct":
+            rows = zip(out["elbo"].tolist(), out["recon"].tolist(), out["kl"].tolist(), strict=True)
+            results = [{"elbo": e, "recon": r, "kl": k, "elbo_bits_per_dim": self.bits_per_dim(-e)} for e, r, k in rows]
+            fields |= {"seed": job.seed, "binarized": job.binarized, "results": results}
+            return Answer(fields, out["image"], encoding, notes=job.notes)
+        if job.op == "sample":
+            fields |= {"seed": job.seed, "temperature": params.temperature, "latents": out["z"].tolist()}
+            return Answer(fields, out["image"], encoding)
+        if job.op == "interpolate":
+            fields |= {"path": params.path, "latents": out["z"].tolist()}
+            return Answer(fields, out["image"], encoding, nrow=len(out["image"]), notes=job.notes)
+        if job.plane is not None:  # manifold
+            fields |= {"steps": params.steps, **job.plane, "latents": job.inputs["z"].tolist()}
+            return Answer(fields, out["image"], encoding, nrow=params.steps, padding=0)
+        return Answer(fields, out["image"], encoding)  # decode
+
     def bits_per_dim(self, nats: float) -> float:
         return float(losses.bits_per_dim(nats, self.config.input_dim))
-
-    @staticmethod
-    def to_pil(images: torch.Tensor) -> list[Image.Image]:
-        return [preprocess.tensor_to_pil(img) for img in images]
-
-    @staticmethod
-    def grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> Image.Image:
-        """(N, C, H, W) -> one image, row by row (`nrow` per row; default: a square)."""
-        nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
-        return preprocess.tensor_to_pil(preprocess.make_grid(images, nrow=nrow, padding=padding))

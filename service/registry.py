@@ -43,8 +43,9 @@ def discover(settings: Settings) -> dict[str, Path]:
             if name in found:
                 raise StartupError(f"two models are named {name!r}: {found[name]} and {path}")
             if not (path / checkpoint.CARD_FILE).is_file():
-                raise StartupError(f"model {entry!r}: {path.resolve()} is not a checkpoint directory "
-                                   f"(no {checkpoint.CARD_FILE})")  # fmt: skip
+                raise StartupError(
+                    f"model {entry!r}: {path.resolve()} is not a checkpoint directory (no {checkpoint.CARD_FILE})"
+                )
             found[name] = path
     else:
         if not root.is_dir():
@@ -104,31 +105,47 @@ class ModelRegistry:
             await self.stop()
             raise
         self.default = s.default_model or next(iter(self.models))
-        self.max_item_values = max(max(math.prod(m.predictor.input_shape), m.predictor.latent_dim)
-                                   for m in self.models.values())  # fmt: skip
+        self.max_item_values = max(
+            max(math.prod(m.predictor.input_shape), m.predictor.latent_dim) for m in self.models.values()
+        )
         self.ready = True
 
     async def _load(self, name: str, path: Path, device: torch.device, executor: ThreadPoolExecutor) -> None:
         s = self.settings
         loop = asyncio.get_running_loop()
         try:
-            predictor = await loop.run_in_executor(executor, VAEPredictor.load, name, path, device, s.dtype)
+            predictor = await loop.run_in_executor(
+                executor, VAEPredictor.load, name, path, device, s.dtype, s.max_image_pixels
+            )
         except checkpoint.CheckpointError as e:
             raise StartupError(f"cannot load model {name!r}: {e}") from None
         if s.warmup:
             await loop.run_in_executor(executor, predictor.warmup)
         batcher = MicroBatcher(
-            name, predictor.predict, executor, mergeable=MERGEABLE_OPS, max_batch_size=s.max_batch_size,
-            max_wait_ms=s.max_wait_ms, queue_size=s.queue_size, batching=s.batching,
-            retry_after_s=s.retry_after_s, observer=self.observer,
-        )  # fmt: skip
+            name,
+            predictor.predict,
+            executor,
+            mergeable=MERGEABLE_OPS,
+            max_batch_size=s.max_batch_size,
+            max_wait_ms=s.max_wait_ms,
+            queue_size=s.queue_size,
+            batching=s.batching,
+            observer=self.observer,
+        )
         batcher.start()
         self.models[name] = ServedModel(predictor, batcher)
         cfg = predictor.config
         logger.info(
-            "model %r loaded from %s: %s %s, latent %d, input %s, on %s (%s)", name, path, cfg.kind,
-            cfg.likelihood, cfg.latent_dim, "x".join(map(str, cfg.input_shape)), device, predictor.dtype,
-        )  # fmt: skip
+            "model %r loaded from %s: %s %s, latent %d, input %s, on %s (%s)",
+            name,
+            path,
+            cfg.kind,
+            cfg.likelihood,
+            cfg.latent_dim,
+            "x".join(map(str, cfg.input_shape)),
+            device,
+            predictor.dtype,
+        )
 
     async def stop(self) -> None:
         self.ready = False

@@ -1,8 +1,10 @@
-"""Request and response bodies, one pair per endpoint, plus ModelInfo and the error body."""
+"""Request and response bodies, one pair per endpoint, plus ModelInfo and the error body; and the two plain objects
+that carry a request through the service (Call: what the client asked, Answer: what the model says)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -11,10 +13,15 @@ Seed = Annotated[int, Field(ge=0, le=2**63 - 1, description="seed of this reques
 Latent = list[FiniteFloat]
 # A pixel array in [0, 1]: (C, H, W), (H, W) for one-channel models, or flat C*H*W (checked against the model).
 PixelArray = list[Any]
+if TYPE_CHECKING:
+    import torch
+
 Encoding = Literal["png", "pixels"]
+Format = Literal["json", "png", "gif"]
 
 _IMAGES = "base64-encoded PNG or JPEG files (any size and mode; converted as in training)"
 _PIXELS = "pixel arrays in [0, 1] at the model's exact shape: (C, H, W), (H, W) for one channel, or flat"
+_ENCODING_SHORT = "images as base64 PNGs, or as pixel arrays in [0, 1]"
 _ENCODING = "how JSON responses carry images: base64 PNGs in `images`, or arrays in [0, 1] in `pixels`"
 # A 4x4 grey square as a PNG, so the schema's examples run against any model.
 EXAMPLE_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAQAAAAECAAAAACMmsGiAAAAEElEQVR4nGNsYGBgYGJAIQAJ5ACIUhZOXwAAAABJRU5ErkJggg=="
@@ -40,6 +47,26 @@ class _Request(BaseModel):
 class _ImagesIn(_Request):
     images: list[str] | None = Field(None, description=_IMAGES)
     pixels: list[PixelArray] | None = Field(None, description=_PIXELS)
+
+
+# -- query parameters ----------------------------------------------------------------------------------------------
+# Query models forbid unknown names, so `?modle=` or a body field sent as `?k=` is a 422 naming it, never ignored.
+_MODEL = "served model name (default: the server's default); also accepted as the body's `model` field"
+_FORMAT = "response format; overrides the Accept header (default: JSON)"
+
+
+class ModelQuery(BaseModel):
+    """The query string of POST endpoints answering JSON only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description=_MODEL, examples=["mnist"])
+
+
+class ModelFormatQuery(ModelQuery):
+    """The query string of POST endpoints that can answer with images."""
+
+    format: Format | None = Field(None, description=_FORMAT)
 
 
 ImagesOut = Annotated[list[str] | None, Field(description="base64 PNGs (encoding=png)")]
@@ -96,11 +123,15 @@ class EncodeResponse(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {"model": "mnist-2d", "latent_dim": 2, "seed": 0,
-                 "results": [{"mu": [0.41, -1.2], "logvar": [-4.1, -3.9], "z": [0.5, -1.31]}]}
+                {
+                    "model": "mnist-2d",
+                    "latent_dim": 2,
+                    "seed": 0,
+                    "results": [{"mu": [0.41, -1.2], "logvar": [-4.1, -3.9], "z": [0.5, -1.31]}],
+                }
             ]
         }
-    )  # fmt: skip
+    )
 
 
 # -- decode -------------------------------------------------------------------------------------------------------
@@ -120,6 +151,17 @@ class DecodeResponse(BaseModel):
 
 
 # -- sample -------------------------------------------------------------------------------------------------------
+class SampleRequest(ModelFormatQuery):
+    """GET /v1/sample's query string."""
+
+    n: int = Field(16, ge=1, description="images to draw (capped by max_sample_n)", examples=[16])
+    seed: Seed | None = Field(None, description="same seed, same images (default: a fresh one)", examples=[0])
+    temperature: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="scales the prior's standard deviation", examples=[0.8]
+    )
+    encoding: Encoding = Field("png", description="JSON only: " + _ENCODING_SHORT)
+
+
 class SampleResponse(BaseModel):
     model: str
     seed: int
@@ -186,12 +228,25 @@ class ScoreResponse(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {"model": "mnist", "k": 500, "seed": 0, "binarized": True,
-                 "results": [{"elbo": -88.1, "recon": -62.3, "kl": 25.8, "elbo_bits_per_dim": 0.1621,
-                              "log_likelihood": -83.9, "bits_per_dim": 0.1544}]}
+                {
+                    "model": "mnist",
+                    "k": 500,
+                    "seed": 0,
+                    "binarized": True,
+                    "results": [
+                        {
+                            "elbo": -88.1,
+                            "recon": -62.3,
+                            "kl": 25.8,
+                            "elbo_bits_per_dim": 0.1621,
+                            "log_likelihood": -83.9,
+                            "bits_per_dim": 0.1544,
+                        }
+                    ],
+                }
             ]
         }
-    )  # fmt: skip
+    )
 
 
 # -- interpolate ----------------------------------------------------------------------------------------------------
@@ -217,6 +272,13 @@ class InterpolateResponse(BaseModel):
 
 
 # -- manifold -------------------------------------------------------------------------------------------------------
+class ManifoldRequest(ModelFormatQuery):
+    """GET /v1/manifold's query string."""
+
+    steps: int = Field(15, ge=2, description="grid side (capped by max_manifold_steps)", examples=[20])
+    encoding: Encoding = Field("png", description="JSON only: " + _ENCODING_SHORT)
+
+
 class ManifoldResponse(BaseModel):
     model: str
     steps: int
@@ -237,3 +299,37 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     status: str
     models: list[str]
+
+
+# -- the request's way through the service -----------------------------------------------------------------------------
+P = TypeVar("P", bound=BaseModel)
+
+
+@dataclass
+class Call(Generic[P]):
+    """A request once its HTTP is read (service.decoding): everything the predictor needs, nothing of HTTP.
+
+    `params` holds the validated fields (body, form fields and query string; `model` is the one model named);
+    `files` the encoded images in order (multipart uploads, or the JSON `images` decoded from base64), `names` how
+    errors name each; `format` the negotiated response format."""
+
+    params: P
+    format: Format = "json"
+    files: list[bytes] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Answer:
+    """What the predictor says (VAEPredictor.encode_response), for service.rendering to put into a response.
+
+    `fields` are the JSON body's fields in order (None ones are left out; float32 numpy arrays are written at
+    float32 precision); `images` (N, C, H, W) in [0, 1] become a PNG grid of `nrow` per row, GIF frames, or the
+    JSON's `images` / `pixels` field by `encoding`; `notes` are said in the X-Input-Converted header."""
+
+    fields: dict[str, Any]
+    images: torch.Tensor | None = None
+    encoding: Encoding = "png"
+    nrow: int | None = None
+    padding: int = 2
+    notes: list[str] = field(default_factory=list)

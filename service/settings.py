@@ -67,9 +67,11 @@ class Settings(BaseSettings):
     access_log: bool = Field(True, description="one log line per request")
     graceful_shutdown_s: float = Field(20.0, gt=0, description="on SIGTERM, the longest wait for requests in flight")
     max_connections: int | None = Field(
-        None, ge=1, description="most connections and requests open at once; beyond it uvicorn answers 503 at once "
-        "(default: no cap; the queue limit still sheds model work)"
-    )  # fmt: skip
+        None,
+        ge=1,
+        description="most connections and requests open at once; beyond it uvicorn answers 503 at once "
+        "(default: no cap; the queue limit still sheds model work)",
+    )
 
     @field_validator("models", "cors_origins", mode="before")
     @classmethod

@@ -16,8 +16,9 @@ settings.load_profile("deterministic")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def write_synthetic_images(directory: Path, n: int = 64, size: tuple[int, int] = (8, 8), channels: int = 1,
-                           seed: int = 0) -> Path:  # fmt: skip
+def write_synthetic_images(
+    directory: Path, n: int = 64, size: tuple[int, int] = (8, 8), channels: int = 1, seed: int = 0
+) -> Path:
     """n PNGs of bright rectangles on black: structured enough for a tiny VAE to learn something."""
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
@@ -30,20 +31,53 @@ def write_synthetic_images(directory: Path, n: int = 64, size: tuple[int, int] =
     return directory
 
 
-def make_tiny_checkpoint(root: Path, name: str = "tiny", *extra: str, channels: int = 1, size: str = "8x8",
-                         likelihood: str = "bernoulli", latent_dim: int = 2) -> Path:  # fmt: skip
+def make_tiny_checkpoint(
+    root: Path,
+    name: str = "tiny",
+    *extra: str,
+    channels: int = 1,
+    size: str = "8x8",
+    likelihood: str = "bernoulli",
+    latent_dim: int = 2,
+) -> Path:
     """Train a tiny model for two epochs through `python -m model.train`'s own code path; returns its directory."""
     from model.train import main
 
     h, w = (int(v) for v in size.split("x"))
     images = write_synthetic_images(root / f"{name}-images", size=(h, w), channels=channels)
     out = root / name
-    main([
-        "--dataset", "folder", "--image-dir", str(images), "--image-size", size, "--channels", str(channels),
-        "--hidden", "16", "--latent-dim", str(latent_dim), "--likelihood", likelihood, "--epochs", "2",
-        "--batch-size", "16", "--eval-k", "8", "--seed", "0", "--no-progress", "--name", name, "--out", str(out),
-        *extra,
-    ])  # fmt: skip
+    main(
+        [
+            "--dataset",
+            "folder",
+            "--image-dir",
+            str(images),
+            "--image-size",
+            size,
+            "--channels",
+            str(channels),
+            "--hidden",
+            "16",
+            "--latent-dim",
+            str(latent_dim),
+            "--likelihood",
+            likelihood,
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--eval-k",
+            "8",
+            "--seed",
+            "0",
+            "--no-progress",
+            "--name",
+            name,
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
     return out
 
 
@@ -57,9 +91,19 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def tiny_gaussian_checkpoint(tmp_path_factory) -> Path:
     """A conv VAE with a Gaussian decoder on 8x8 RGB images, latent 3."""
     return make_tiny_checkpoint(
-        tmp_path_factory.mktemp("ckpt"), "tiny-rgb", "--encoder", "conv", "--decoder", "conv", "--conv-channels", "4",
-        "8", channels=3, likelihood="gaussian", latent_dim=3,
-    )  # fmt: skip
+        tmp_path_factory.mktemp("ckpt"),
+        "tiny-rgb",
+        "--encoder",
+        "conv",
+        "--decoder",
+        "conv",
+        "--conv-channels",
+        "4",
+        "8",
+        channels=3,
+        likelihood="gaussian",
+        latent_dim=3,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -34,11 +34,14 @@ async def tiny_http_server(answer: bytes) -> tuple[asyncio.Server, int]:
     return server, server.sockets[0].getsockname()[1]
 
 
-@pytest.mark.parametrize(("answer", "ok"), [
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", True),
-    (b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n", False),
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", False),  # unsupported: an error
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("answer", "ok"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", True),
+        (b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n", False),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", False),  # unsupported: an error
+    ],
+)
 def test_load_generator_counts_answers_and_errors(answer: bytes, ok: bool) -> None:
     async def main() -> loadgen.Result:
         server, port = await tiny_http_server(answer)
@@ -56,12 +59,32 @@ def test_load_generator_counts_answers_and_errors(answer: bytes, ok: bool) -> No
 
 
 def test_inprocess_table_on_the_tiny_checkpoint(tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    inprocess.main(["--checkpoint", str(tiny_checkpoint), "--seconds", "0.001", "--rounds", "1", "--batches", "1", "4",
-                    "--threads", "1"])  # fmt: skip
+    inprocess.main(
+        [
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--seconds",
+            "0.001",
+            "--rounds",
+            "1",
+            "--batches",
+            "1",
+            "4",
+            "--threads",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
-    for row in ("| encode forward | 4 |", "| decode forward | 1 |", "| reconstruct forward | 4 |",
-                "| multipart body -> parts | 4 |", "| PNG upload -> input tensor | 4 |",
-                "| encode output -> JSON answer | 1 |", "| output -> base64 PNG | 1 |", "| bulk encode"):  # fmt: skip
+    for row in (
+        "| encode forward | 4 |",
+        "| decode forward | 1 |",
+        "| reconstruct forward | 4 |",
+        "| multipart body -> parts | 4 |",
+        "| PNG upload -> input tensor | 4 |",
+        "| encode output -> JSON answer | 1 |",
+        "| output -> base64 PNG | 1 |",
+        "| bulk encode",
+    ):
         assert row in out
 
 
@@ -80,10 +103,15 @@ def test_serving_report_and_targets_from_figures() -> None:
         n = int(rps)
         return loadgen.Result(clients, [latency_ms / 1000] * n, 0, 1.0, {200: n})
 
-    figures = {("encode", 64, "ours"): (3000, 20), ("encode", 64, "plain"): (1000, 60),
-               ("encode", 64, "litserve"): (2000, 30), ("healthz", 64, "ours"): (5000, 10),
-               ("encode", 1, "ours"): (900, 1.1), ("encode", 1, "plain"): (1000, 1.0),
-               ("bulk encode", 1, "ours"): (10, 100)}  # fmt: skip
+    figures = {
+        ("encode", 64, "ours"): (3000, 20),
+        ("encode", 64, "plain"): (1000, 60),
+        ("encode", 64, "litserve"): (2000, 30),
+        ("healthz", 64, "ours"): (5000, 10),
+        ("encode", 1, "ours"): (900, 1.1),
+        ("encode", 1, "plain"): (1000, 1.0),
+        ("bulk encode", 1, "ours"): (10, 100),
+    }
     cells = {key: serving.Cell([result(rps, ms, key[1])], [100.0]) for key, (rps, ms) in figures.items()}
     table = serving.report(cells, bulk_images=256)
     assert "| encode | 64 | ours | 3000 | 0 | 3,000 |" in table and "(2,560 img/s)" in table
@@ -97,8 +125,9 @@ def test_serving_report_and_targets_from_figures() -> None:
 
 @pytest.mark.e2e
 def test_threads_table_of_a_real_server(tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    threads.main(["--checkpoint", str(tiny_checkpoint), "--clients", "2", "--duration", "0.3", "--", "--cpu-threads",
-                  "1"])  # fmt: skip
+    threads.main(
+        ["--checkpoint", str(tiny_checkpoint), "--clients", "2", "--duration", "0.3", "--", "--cpu-threads", "1"]
+    )
     out = capsys.readouterr().out
     assert "| encode |" in out and "| healthz |" in out and out.count("| main (event loop) |") == 2
 
@@ -121,8 +150,9 @@ def test_help(script, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_a_baseline_build_runs_from_its_own_tree(tmp_path: Path) -> None:
     """`--baseline DIR` adds our service from another source tree (cwd and import path), the same flags as ours."""
-    args = serving.argparse.Namespace(threads=None, device="cpu", bulk_images=256, checkpoint="checkpoints/mnist",
-                                      baseline=str(tmp_path))  # fmt: skip
+    args = serving.argparse.Namespace(
+        threads=None, device="cpu", bulk_images=256, checkpoint="checkpoints/mnist", baseline=str(tmp_path)
+    )
     ours, _, ours_cwd = serving.server_command("ours", args, 9001)
     base, env, cwd = serving.server_command("ours-baseline", args, 9002)
     assert ours_cwd == serving.REPO and cwd == tmp_path and env["PYTHONPATH"] == str(tmp_path)

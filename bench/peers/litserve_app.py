@@ -66,10 +66,15 @@ def main() -> None:
     p.add_argument("--batch-timeout", type=float, default=0.005, help="seconds LitServe waits for a batch to fill")
     args = p.parse_args()
     apis = [
-        EncodeAPI(args.checkpoint, args.threads, api_path="/v1/encode", max_batch_size=args.max_batch_size,
-                  batch_timeout=args.batch_timeout),
+        EncodeAPI(
+            args.checkpoint,
+            args.threads,
+            api_path="/v1/encode",
+            max_batch_size=args.max_batch_size,
+            batch_timeout=args.batch_timeout,
+        ),
         SampleAPI(args.checkpoint, args.threads, api_path="/v1/sample"),
-    ]  # fmt: skip
+    ]
     server = ls.LitServer(apis, accelerator="cpu", workers_per_device=1, healthcheck_path="/healthz")
     server.run(host="127.0.0.1", port=args.port, log_level="warning", generate_client_file=False)
 

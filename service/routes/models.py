@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.deps import RegistryDep
+from service.openapi import ERRORS
 from service.registry import ServedModel
-from service.routes.payloads import ERRORS
 from service.schemas import ModelInfo, ModelList
 
 router = APIRouter(prefix="/v1", tags=["models"])

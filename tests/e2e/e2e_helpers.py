@@ -32,8 +32,19 @@ def models_dir(tmp_path: Path, tiny_checkpoint: Path) -> Path:
 def start_server(models: Path, port: int, log: Path, *flags: str) -> subprocess.Popen[bytes]:
     """`python -m service` serving `models` (default model `tiny`, one CPU thread) on loopback, output to `log`."""
     env = {**os.environ, "VAE_DEFAULT_MODEL": "tiny", "VAE_CPU_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "service", "--models-dir", str(models), "--host", "127.0.0.1",
-               "--port", str(port), "--no-access-log", *flags]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "service",
+        "--models-dir",
+        str(models),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-access-log",
+        *flags,
+    ]
     with open(log, "w") as out:
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
 

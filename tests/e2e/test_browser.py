@@ -27,9 +27,16 @@ pytestmark = pytest.mark.e2e
 
 CHROMIUM = Path(os.environ.get("VAE_E2E_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 API_KEY = "e2e-secret"
 KEY_STORAGE = "vae-serve.api-key"  # the page's sessionStorage key (service/static/app.js)
 REPO = Path(__file__).resolve().parents[2]
@@ -41,11 +48,14 @@ ACTION_TIMEOUT_MS = 60_000
 try:
     from playwright.sync_api import sync_playwright
 except ImportError:
-    pytest.skip("Playwright for Python is not installed (pip install playwright, or run .ci/browser.sh)",
-                allow_module_level=True)  # fmt: skip
+    pytest.skip(
+        "Playwright for Python is not installed (pip install playwright, or run .ci/browser.sh)",
+        allow_module_level=True,
+    )
 if not CHROMIUM.is_file() or not os.access(CHROMIUM, os.X_OK):
-    pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium, or run .ci/browser.sh)",
-                allow_module_level=True)  # fmt: skip
+    pytest.skip(
+        f"Chromium not found at {CHROMIUM} (apt-get install chromium, or run .ci/browser.sh)", allow_module_level=True
+    )
 
 # In-page helper: the pixel range of an <img> (by selector), read back through a canvas.
 PIXEL_RANGE = """(selector) => {
@@ -71,8 +81,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, tiny_gaussian_checkpoint: Path,
-           tiny_ae_checkpoint: Path) -> Iterator[str]:  # fmt: skip
+def server(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_checkpoint: Path,
+    tiny_gaussian_checkpoint: Path,
+    tiny_ae_checkpoint: Path,
+) -> Iterator[str]:
     """uvicorn in a subprocess serving `tiny` (2-D latent, default), `tiny-rgb` (latent 3) and `tiny-ae` (a plain
     autoencoder of tiny's data and size) with an API key."""
     root = tmp_path_factory.mktemp("browser")
@@ -90,8 +104,20 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, tiny
         "VAE_DEVICE": "cpu",
     }
     log_path = root / "server.log"
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", "service.main:create_app", "--host", "127.0.0.1",
-           "--port", str(port), "--log-level", "warning", "--no-access-log"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "service.main:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -244,12 +270,15 @@ def test_sample_grid_follows_the_seed(ui: Page) -> None:
 def test_map_click_decodes_that_point(ui: Page, server: str) -> None:
     page = ui.ready()
     steps = int(page.input_value("#map-steps"))
-    grid = httpx.get(f"{server}/v1/manifold", params={"model": "tiny", "steps": steps},
-                     headers={"X-API-Key": API_KEY}, timeout=30).json()  # fmt: skip
+    grid = httpx.get(
+        f"{server}/v1/manifold", params={"model": "tiny", "steps": steps}, headers={"X-API-Key": API_KEY}, timeout=30
+    ).json()
     # A click lands on whole CSS pixels: allow a quarter of the distance between neighbouring tiles.
     tolerance = 0.25 * 2 * min(grid["span"]) / (steps - 1)
-    near = "([z, tol]) => { const s = document.querySelector('#map-decoded').dataset.latent;" \
-           " return !!s && JSON.parse(s).every((v, i) => Math.abs(v - z[i]) < tol); }"  # fmt: skip
+    near = (
+        "([z, tol]) => { const s = document.querySelector('#map-decoded').dataset.latent;"
+        " return !!s && JSON.parse(s).every((v, i) => Math.abs(v - z[i]) < tol); }"
+    )
     page.locator("#map-canvas").scroll_into_view_if_needed()
     box = page.locator("#map-canvas").bounding_box()
     for row, col in [(0, 0), (3, steps - 2), (steps - 1, 5)]:

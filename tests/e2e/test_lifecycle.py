@@ -73,8 +73,11 @@ def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(tmp_path: Path
         for seed in range(100, 103):
             body, z = decode_body(seed)
             sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-            sock.sendall(f"POST /v1/decode HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body[: len(body) // 2])  # fmt: skip
+            sock.sendall(
+                f"POST /v1/decode HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body[: len(body) // 2]
+            )
             slow.append((sock, body, z))
         time.sleep(1.0)
         assert "right" in outcomes, outcomes

@@ -323,10 +323,10 @@ async def test_openapi_lists_every_endpoint_with_examples(client) -> None:
 
 
 async def test_index_serves_the_static_page_when_present(settings_for, monkeypatch, tmp_path) -> None:
-    from service.routes import health
+    from service.routes import web
 
     async with serve(settings_for()) as (_, client):
-        monkeypatch.setattr(health, "STATIC_DIR", tmp_path)
+        monkeypatch.setattr(web, "STATIC_DIR", tmp_path)
         assert (await client.get("/")).json()["docs"] == "/docs"
         (tmp_path / "index.html").write_text("<h1>vae</h1>")
         page = await client.get("/")

@@ -60,8 +60,9 @@ def scaled_weights(src: Path, dst: Path, factor: float = 2.0) -> Path:
         ("empty-card", ("format_version",)),
     ],
 )
-async def test_a_bad_checkpoint_stops_the_start_with_one_line(settings_for, tiny_checkpoint, tmp_path, fault,
-                                                              fragments) -> None:  # fmt: skip
+async def test_a_bad_checkpoint_stops_the_start_with_one_line(
+    settings_for, tiny_checkpoint, tmp_path, fault, fragments
+) -> None:
     ckpt = copy_checkpoint(tiny_checkpoint, tmp_path / "tiny")
     weights = ckpt / WEIGHTS
     if fault == "truncated":  # e.g. a copy still in progress
@@ -148,8 +149,10 @@ def out_of_memory_above(monkeypatch, module: torch.nn.Module, verb: str, limit: 
 
 
 CUDA_OOM = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-CPU_OOM = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried "
-                       "to allocate 107374182400 bytes. Error code 12 (Cannot allocate memory)")  # fmt: skip
+CPU_OOM = RuntimeError(
+    "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried "
+    "to allocate 107374182400 bytes. Error code 12 (Cannot allocate memory)"
+)
 
 
 @pytest.mark.parametrize("error", [CUDA_OOM, CPU_OOM], ids=["cuda", "cpu"])

@@ -66,8 +66,18 @@ JPEG64 = png(Image.fromarray(noise(64, 64)), "JPEG")
         (jpeg_claiming(65_000, 65_000), 413, "image_too_large", "too large"),
         (zeros_png(CAP_PIXELS + 1, 1), 413, "image_too_large", f"{CAP_PIXELS + 1}x1"),
     ],
-    ids=["random-bytes", "corrupt-png", "truncated-jpeg", "corrupt-jpeg-header", "animated-gif", "webp", "tiff",
-         "zip-bomb-png", "bomb-jpeg-header", "one-pixel-over"],  # fmt: skip
+    ids=[
+        "random-bytes",
+        "corrupt-png",
+        "truncated-jpeg",
+        "corrupt-jpeg-header",
+        "animated-gif",
+        "webp",
+        "tiff",
+        "zip-bomb-png",
+        "bomb-jpeg-header",
+        "one-pixel-over",
+    ],
 )
 async def test_hostile_image_gets_its_documented_4xx(capped, data: bytes, status: int, code: str, fragment: str):
     body = assert_error(await capped.post("/v1/encode", files=files(data)), status, code, fragment)

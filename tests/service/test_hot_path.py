@@ -1,19 +1,15 @@
 """The hot path's shortcuts give exactly what the general code gives: uploads already at the model's mode and size
 skip pil_to_tensor's tensor ops but not its result, the encode answer is the schema's JSON with the model's float32
-numbers exactly, request-only routes
-skip FastAPI's dependency solving only when nothing needs solving, and simple multipart headers parse as
-python-multipart parses them."""
+numbers exactly, and simple multipart headers parse as python-multipart parses them."""
 
 from __future__ import annotations
 
 import io
 import json
 
-import httpx
 import numpy as np
 import pytest
 import torch
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -23,9 +19,9 @@ from service_helpers import assert_error, digit_like, files, png
 from model import preprocess
 from service import media
 from service.multipart import SIMPLE_DISPOSITION
-from service.routes import payloads, vae
-from service.routes.direct import DirectRoute
-from service.schemas import EncodeResponse
+from service.predictor import float32_rows
+from service.rendering import json_response
+from service.schemas import Answer, EncodeResponse
 
 pytestmark = pytest.mark.anyio
 
@@ -132,14 +128,14 @@ def test_float32_rows_are_written_at_float32_precision() -> None:
     edges = [0.3, 1 / 3, -0.0, 1e-45, 3.4e38, np.nan, np.inf, -np.inf]
     values = np.concatenate([scaled, edges]).astype(np.float32)
     wide = torch.from_numpy(values.reshape(-1, 2))
-    rows = payloads.float32_rows(wide[:, 1])  # a column slice: strided, as a model's mu is
-    body = json.loads(payloads.json_fields_response({"results": [{"v": r} for r in rows]}).body)
+    rows = float32_rows(wide[:, 1])  # a column slice: strided, as a model's mu is
+    body = json.loads(json_response(Answer({"results": [{"v": r} for r in rows]})).body)
     got = [res["v"] for res in body["results"]]
     finite = np.isfinite(values[1::2])
     assert [v is None for v in got] == list(~finite)
     parsed = np.array([v for v in got if v is not None], dtype=np.float32)
     assert np.array_equal(parsed, values[1::2][finite])
-    numbers = payloads.json_fields_response({"v": rows}).body.decode().removeprefix('{"v":[').removesuffix("]}")
+    numbers = bytes(json_response(Answer({"v": rows})).body).decode().removeprefix('{"v":[').removesuffix("]}")
     assert max(significant_digits(t) for t in numbers.split(",")) <= 9
 
 
@@ -147,36 +143,11 @@ def significant_digits(number: str) -> int:
     return len(number.lstrip("-").split("e")[0].replace(".", "").strip("0"))
 
 
-def test_encode_and_score_are_called_directly_and_the_rest_through_fastapi() -> None:
-    direct = {route.path: route.get_route_handler() is route.endpoint for route in vae.router.routes}
-    assert direct["/v1/encode"] and direct["/v1/score"]
-    assert not direct["/v1/sample"] and not direct["/v1/decode"]  # query parameters to resolve
-
-
-async def test_a_dependency_of_an_including_router_is_honoured() -> None:
-    calls = []
-
-    async def guard() -> None:
-        calls.append(1)
-        raise HTTPException(403, "no")
-
-    inner = APIRouter(route_class=DirectRoute)
-
-    @inner.post("/echo")
-    async def echo(request: Request) -> Response:
-        return Response(await request.body())
-
-    app = FastAPI()
-    app.include_router(inner, prefix="/guarded", dependencies=[Depends(guard)])
-    app.include_router(inner, prefix="/open")
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-        assert (await client.post("/guarded/echo", content=b"x")).status_code == 403 and calls == [1]
-        assert (await client.post("/open/echo", content=b"x")).content == b"x"
-
-
 @settings(max_examples=200, deadline=None)
-@given(st.text(st.characters(codec="latin-1", exclude_characters='"\\\r\n'), max_size=12),
-       st.one_of(st.none(), st.text(st.characters(codec="latin-1", exclude_characters='"\\\r\n'), max_size=12)))
+@given(
+    st.text(st.characters(codec="latin-1", exclude_characters='"\\\r\n'), max_size=12),
+    st.one_of(st.none(), st.text(st.characters(codec="latin-1", exclude_characters='"\\\r\n'), max_size=12)),
+)
 def test_simple_content_disposition_parses_as_python_multipart(name: str, filename: str | None) -> None:
     header = f'form-data; name="{name}"' + ("" if filename is None else f'; filename="{filename}"')
     raw = header.encode("latin-1")

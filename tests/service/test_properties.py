@@ -20,9 +20,9 @@ from PIL import Image
 
 from model.preprocess import pil_to_tensor
 from service import media
+from service.decoding import validate
 from service.errors import ImageTooLarge, InvalidInput, InvalidPayload
 from service.predictor import VAEPredictor
-from service.routes.payloads import validate
 from service.schemas import DecodeRequest
 
 MAX_PIXELS = 64 * 64
@@ -102,6 +102,8 @@ numbers = st.one_of(
     st.floats(min_value=-4e38, max_value=4e38),  # around float32's limit, finite as float64
     st.integers(-(10**40), 10**40),
 )
+
+
 def fits_float32(v: float) -> bool:
     """Finite once rounded to float32 (struct rounds as C does, and refuses what rounds to infinity)."""
     try:

@@ -49,11 +49,18 @@ def test_the_pickle_detector_detects() -> None:
 
 
 def test_no_pickle_anywhere() -> None:
-    found = [f"{path.relative_to(REPO)}:{use}" for package in ("model", "service")
-             for path in sorted((REPO / package).rglob("*.py")) for use in pickle_uses(path.read_text())]  # fmt: skip
+    found = [
+        f"{path.relative_to(REPO)}:{use}"
+        for package in ("model", "service")
+        for path in sorted((REPO / package).rglob("*.py"))
+        for use in pickle_uses(path.read_text())
+    ]
     assert found == []
-    shipped = [p.relative_to(REPO) for p in (REPO / "checkpoints").rglob("*")
-               if p.suffix in (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".npy")]  # fmt: skip
+    shipped = [
+        p.relative_to(REPO)
+        for p in (REPO / "checkpoints").rglob("*")
+        if p.suffix in (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".npy")
+    ]
     assert shipped == []
 
 
@@ -83,8 +90,11 @@ async def test_cors_when_configured(settings_for) -> None:
     app_origin = "https://app.example"
     async with serve(settings_for(cors_origins=[app_origin], api_key="s3cret")) as (_, client):
         # The preflight carries no key and must not need one; the key header must be allowed.
-        ask = {"Origin": app_origin, "Access-Control-Request-Method": "POST",
-               "Access-Control-Request-Headers": "content-type, x-api-key"}  # fmt: skip
+        ask = {
+            "Origin": app_origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, x-api-key",
+        }
         r = await client.options("/v1/decode", headers=ask)
         assert r.status_code == 200, r.text
         assert r.headers["access-control-allow-origin"] == app_origin
@@ -92,8 +102,9 @@ async def test_cors_when_configured(settings_for) -> None:
         r = await client.options("/v1/decode", headers={**ask, "Origin": "https://evil.example"})
         assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
         # Answers, errors included, carry the header, so the page can read them.
-        r = await client.post("/v1/decode", json={"latents": [[0, 0]]}, headers={"Origin": app_origin,
-                                                                                  "X-API-Key": "s3cret"})  # fmt: skip
+        r = await client.post(
+            "/v1/decode", json={"latents": [[0, 0]]}, headers={"Origin": app_origin, "X-API-Key": "s3cret"}
+        )
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == app_origin
         r = await client.post("/v1/decode", json={"latents": [[0, 0]]}, headers={"Origin": app_origin})
         assert_error(r, 401, "unauthorized")

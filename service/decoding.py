@@ -1,0 +1,254 @@
+"""Request decoding: an HTTP request -> a Call (schemas.Call), the one place that reads bodies and query strings.
+
+    body        Content-Type -> JSON, or a multipart form (files in field `image`, the other fields as form fields),
+                under max_request_bytes and body_timeout_s
+    validation  the endpoint's schema, strict for JSON; the query string's model (unknown names are a 422)
+    model       `?model=` or the body's `model`: one model, named once or twice alike
+    images      multipart uploads, or the JSON's base64 `images`, as encoded bytes in order (one kind per request)
+    limits      counts and sizes against the server's settings, each error naming the setting that raises it
+    format      the response format from `?format=` or the Accept header (406 before any work is done)
+
+Nothing here knows a model's shapes: VAEPredictor.decode_request checks the Call against the model it is for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
+
+from service import media, multipart
+from service.errors import (
+    BodyTimeout,
+    ClientDisconnected,
+    InvalidInput,
+    LimitExceeded,
+    NotAcceptable,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    limit_hint,
+)
+from service.schemas import (
+    Call,
+    DecodeRequest,
+    Format,
+    InterpolateRequest,
+    ManifoldRequest,
+    ModelFormatQuery,
+    ModelQuery,
+    SampleRequest,
+    ScoreRequest,
+)
+from service.settings import Settings
+
+T = TypeVar("T", bound=BaseModel)
+JSON = "application/json"
+MULTIPART = "multipart/form-data"
+MEDIA_TYPES = {"json": JSON, "png": "image/png", "gif": "image/gif"}
+# Per schema: the field capped by a setting, and what it counts.
+LIMITS: dict[type[BaseModel], tuple[str, str, str]] = {
+    SampleRequest: ("n", "max_sample_n", "images per call"),
+    ScoreRequest: ("k", "max_score_k", "importance samples"),
+    InterpolateRequest: ("steps", "max_interpolate_steps", "frames"),
+    ManifoldRequest: ("steps", "max_manifold_steps", "per side"),
+}
+
+
+# -- the entry points, one per kind of endpoint ----------------------------------------------------------------------
+async def images_call(
+    request: Request, schema: type[T], query: ModelQuery, settings: Settings, formats: tuple[Format, ...] = ("json",)
+) -> Call[T]:
+    """A JSON body or a multipart form whose `image` parts are files and whose other parts are `schema`'s fields;
+    415 for any other Content-Type."""
+    fmt = negotiate(request, query, formats)
+    kind = media_type(request)
+    if kind == MULTIPART:
+        params, files = await read_form(request, schema, settings)
+        names = [f"image {i} (upload)" for i in range(len(files))]
+    elif kind == JSON or kind.endswith("+json"):
+        params = validate(schema, await read_json_body(request, settings))
+        encoded: list[str] = getattr(params, "images", None) or []
+        files = [media.b64decode(text, f"images[{i}]") for i, text in enumerate(encoded)]
+        names = [f"images[{i}]" for i in range(len(files))]
+    else:
+        raise UnsupportedMediaType(
+            f"send {MULTIPART} (files in field 'image') or {JSON} (got {kind or 'no Content-Type'})"
+        )
+    pixels = getattr(params, "pixels", None) or []
+    given = [
+        what
+        for what, items in (("multipart files" if kind == MULTIPART else "images", files), ("pixels", pixels))
+        if items
+    ]
+    if len(given) > 1:
+        raise InvalidInput(f"send images one way per request, not {' and '.join(given)}")
+    count = len(files) + len(pixels)
+    if count > settings.max_images_per_request:
+        raise LimitExceeded(
+            f"too many images: {count} in one request, at most {settings.max_images_per_request}",
+            "max_images_per_request",
+        )
+    return finish(Call(params, fmt, files, names), query, settings)
+
+
+async def json_call(
+    request: Request, schema: type[T], query: ModelQuery, settings: Settings, formats: tuple[Format, ...] = ("json",)
+) -> Call[T]:
+    """A JSON body validated against `schema`; 415 for any other Content-Type."""
+    fmt = negotiate(request, query, formats)
+    kind = media_type(request)
+    if kind != JSON and not kind.endswith("+json"):
+        raise UnsupportedMediaType(f"send {JSON} (got {kind or 'no Content-Type'})")
+    params = validate(schema, await read_json_body(request, settings))
+    if isinstance(params, DecodeRequest) and len(params.latents) > settings.max_images_per_request:
+        raise LimitExceeded(
+            f"too many latents: {len(params.latents)}, at most {settings.max_images_per_request}",
+            "max_images_per_request",
+        )
+    return finish(Call(params, fmt), query, settings)
+
+
+def query_call(request: Request, params: T, settings: Settings, formats: tuple[Format, ...]) -> Call[T]:
+    """A GET endpoint's query string, already validated by FastAPI against its query model."""
+    assert isinstance(params, ModelQuery)
+    return finish(Call(params, negotiate(request, params, formats)), None, settings)
+
+
+def finish(call: Call[T], query: ModelQuery | None, settings: Settings) -> Call[T]:
+    """The one model the request names, and the schema's capped field against its setting."""
+    params = call.params
+    named = getattr(params, "model", None)
+    if query is not None and query.model is not None:
+        if named is not None and named != query.model:
+            raise InvalidInput(
+                f"the query string names model {query.model!r} and the body names {named!r}; name one model, once"
+            )
+        params.model = query.model  # type: ignore[attr-defined]
+    capped = LIMITS.get(type(params))
+    if capped is not None:
+        name, setting, what = capped
+        value, limit = getattr(params, name), getattr(settings, setting)
+        if value > limit:
+            raise LimitExceeded(f"{name}={value} is over the limit of {limit} {what}", setting)
+    return call
+
+
+# -- bodies ---------------------------------------------------------------------------------------------------------
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def read_body(request: Request, settings: Settings) -> bytes:
+    """The whole body, refusing more than `max_request_bytes` (by Content-Length first, then while reading) and
+    a body still incomplete `body_timeout_s` after reading started (a client trickling bytes in would otherwise
+    hold its connection and buffer for as long as it likes)."""
+    limit = settings.max_request_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(
+            f"request body is {declared} bytes, over the limit of {limit} {limit_hint('max_request_bytes')}"
+        )
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        async with asyncio.timeout(settings.body_timeout_s):
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > limit:
+                    raise PayloadTooLarge(
+                        f"request body is over the limit of {limit} bytes {limit_hint('max_request_bytes')}"
+                    )
+                chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientDisconnected("the client disconnected while sending the body") from None
+    except TimeoutError:
+        raise BodyTimeout(
+            f"the request body did not arrive within {settings.body_timeout_s:g} s ({total} bytes "
+            f"came) {limit_hint('body_timeout_s')}"
+        ) from None
+    return b"".join(chunks)
+
+
+def validate(schema: type[T], data: bytes | dict[str, Any]) -> T:
+    """JSON bytes (strict: `"seed": false` or `"k": "5"` is a 422) or form fields (strings, coerced) -> schema."""
+    try:
+        if isinstance(data, bytes):
+            return schema.model_validate_json(data, strict=True)
+        return schema.model_validate(data)
+    except ValidationError as e:
+        errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
+
+
+async def read_json_body(request: Request, settings: Settings) -> bytes:
+    """A JSON body, refused before parsing when it has more values than any valid request can: parsed, a number
+    takes ~50 times its bytes, so a 16 MiB body of them would take ~1 GB. Commas count the values (at most two per
+    value, with the arrays around them); base64 has none."""
+    body = await read_body(request, settings)
+    per_item: int = request.app.state.registry.max_item_values
+    limit = 2 * per_item * settings.max_images_per_request + 1024
+    if per_item and body.count(b",") > limit:
+        raise InvalidInput(
+            f"the JSON body holds more values than a request can use here (at most ~{limit // 2}) "
+            f"{limit_hint('max_images_per_request')}"
+        )
+    return body
+
+
+async def read_form(request: Request, schema: type[T], settings: Settings) -> tuple[T, list[bytes]]:
+    """A multipart form -> (its fields validated against `schema`, the `image` files' bytes in order)."""
+    body = await read_body(request, settings)
+    limit = settings.max_images_per_request
+    uploads: list[bytes] = []
+    fields: dict[str, Any] = {}
+    for part in multipart.parse(request.headers["content-type"], body, max_parts=limit + 100):
+        if part.name == "image":  # a file part, or (curl -F 'image=<f', httpx with no filename) a plain one
+            if len(uploads) == limit:
+                raise LimitExceeded(f"too many images: at most {limit} per request", "max_images_per_request")
+            uploads.append(part.data)
+        elif part.filename is not None:
+            raise InvalidInput(f"unexpected file field {part.name!r}: upload images as field 'image'")
+        elif part.name in fields:
+            raise InvalidInput(f"form field {part.name!r} is given twice")
+        else:
+            fields[part.name] = part.data.decode("utf-8", errors="replace")
+    return validate(schema, fields), uploads
+
+
+# -- the response format ---------------------------------------------------------------------------------------------
+def negotiate(request: Request, query: ModelQuery, allowed: tuple[Format, ...]) -> Format:
+    """`?format=` if given, else the Accept header: json (application/json, */*), png (image/png, image/*), gif
+    (image/gif); raises NotAcceptable. No Accept header means JSON."""
+    fmt = query.format if isinstance(query, ModelFormatQuery) else None
+    if fmt is not None:
+        if fmt not in allowed:
+            raise NotAcceptable(f"format {fmt!r} is not available here; choose one of {', '.join(allowed)}")
+        return fmt
+    accept = request.headers.get("accept")
+    if not accept:
+        return "json"
+    ranked = []
+    for i, part in enumerate(accept.split(",")):
+        media_range, *options = (s.strip() for s in part.split(";"))
+        q = 1.0
+        for option in options:
+            if option.startswith("q="):
+                try:
+                    q = float(option[2:])
+                except ValueError:
+                    q = 0.0
+        if q > 0:
+            ranked.append((-q, i, media_range.lower()))
+    for _, _, media_range in sorted(ranked):
+        if media_range in (JSON, "*/*", "application/*"):
+            return "json"
+        if media_range in ("image/png", "image/*") and "png" in allowed:
+            return "png"
+        if media_range in ("image/gif", "image/*") and "gif" in allowed:
+            return "gif"
+    available = ", ".join(MEDIA_TYPES[f] for f in allowed)
+    raise NotAcceptable(f"cannot produce {accept!r} here; available: {available}")

@@ -1,0 +1,77 @@
+"""The server's life: start-up (load and warm every model, tune the process for a long-lived server) and shutdown,
+and the one-line message a failed start-up leaves instead of a traceback."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import StartupError
+from service.registry import ModelRegistry
+
+M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+MMAP_THRESHOLD = 1 << 20
+
+
+def return_freed_memory() -> bool:
+    """Have glibc serve every allocation of 1 MiB or more with a mapping of its own, given back to the system when
+    freed. Its default threshold rises after the first large free (up to 32 MiB), after which big buffers (request
+    bodies, decoded images) come from per-thread heaps that keep them: a burst of large uploads left the process
+    holding ~1 GB it no longer used (docs/reliability.md). False (and nothing done) without glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
+def lifespan(
+    registry: ModelRegistry, startup: dict[str, str]
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The app's lifespan: the registry started (a StartupError's message kept in `startup` for StartupMessage)
+    and stopped."""
+
+    @asynccontextmanager
+    async def run(app: FastAPI) -> AsyncIterator[None]:
+        return_freed_memory()
+        try:
+            await registry.start()
+        except StartupError as e:
+            startup["error"] = str(e)
+            raise
+        # What is alive now (torch, the app, the models: ~200k objects) lives as long as the server. Frozen, the
+        # collector's full passes stop walking it: they took 50-100 ms each under load (docs/benchmarks.md).
+        gc.freeze()
+        try:
+            yield
+        finally:
+            gc.unfreeze()
+            await registry.stop()
+
+    return run
+
+
+class StartupMessage:
+    """Pure ASGI: when start-up fails with a StartupError, the server logs its one line instead of a traceback."""
+
+    def __init__(self, app: ASGIApp, holder: dict[str, str]) -> None:
+        self.app = app
+        self.holder = holder
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed" and "error" in self.holder:
+                message = {**message, "message": f"vae-serve cannot start: {self.holder['error']}"}
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)

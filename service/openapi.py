@@ -1,0 +1,65 @@
+"""OpenAPI fragments for the routes that read their bodies themselves (service.decoding): the request bodies they
+take, the media types they answer, and the error table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from service.schemas import ErrorResponse
+
+JSON = "application/json"
+MULTIPART = "multipart/form-data"
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "payload cannot be decoded (not an image, truncated, bad base64, malformed multipart)",
+        401: "API key missing or wrong (only when the server has one)",
+        404: "unknown model",
+        406: "the requested response format is not available here",
+        408: "the request body did not arrive within body_timeout_s",
+        413: "body over max_request_bytes, or an image over max_image_pixels",
+        415: "Content-Type is not one this endpoint reads",
+        422: "invalid request (an unknown query parameter too), or one that does not fit the model or the limits",
+        503: "not ready, or overloaded (with Retry-After)",
+        504: "no result within request_timeout_s",
+    }.items()
+}
+
+
+def _schema(schema: type[BaseModel]) -> dict[str, Any]:
+    return schema.model_json_schema(ref_template="#/components/schemas/{model}")
+
+
+def json_body(schema: type[BaseModel]) -> dict[str, Any]:
+    """openapi_extra for a route that reads its JSON body itself (to enforce the size limit first)."""
+    return {"requestBody": {"required": True, "content": {JSON: {"schema": _schema(schema)}}}}
+
+
+def images_body(schema: type[BaseModel]) -> dict[str, Any]:
+    """openapi_extra for a route that takes JSON or multipart uploads (`image`, repeated) plus form fields."""
+    form = _schema(schema)
+    props = {k: v for k, v in form.get("properties", {}).items() if k not in ("images", "pixels", "latents")}
+    props["image"] = {
+        "type": "array",
+        "items": {"type": "string", "format": "binary"},
+        "description": "PNG or JPEG files, one part per image",
+    }
+    multipart = {"type": "object", "properties": props, "required": ["image"]}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                MULTIPART: {"schema": multipart, "encoding": {"image": {"contentType": "image/png, image/jpeg"}}},
+                JSON: {"schema": form},
+            },
+        }
+    }
+
+
+def image_responses(model: type[BaseModel], *types: str) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route answering JSON (`model`) or, by negotiation, the given image types."""
+    content: dict[str, Any] = {t: {"schema": {"type": "string", "format": "binary"}} for t in types}
+    return {200: {"model": model, "content": content}, **ERRORS}
