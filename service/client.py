@@ -1,16 +1,19 @@
 """A small httpx client for a running vae-serve server, with the same verbs as the API.
 
-    from service.client import VAEClient
+>>> from service.client import VAEClient
+>>> with VAEClient("http://127.0.0.1:8000") as vae:
+...     codes = vae.encode("digit.png", sample=True, seed=0)  # JSON: mu, logvar, z per image
+...     grid = vae.sample(16, seed=0, format="png")  # bytes of a PNG grid
+...     images = VAEClient.to_images(vae.decode([codes["results"][0]["mu"]]))  # PIL images
+...     scores = vae.score(["digit.png", "digit.png"], k=500)  # ELBO and log p(x), nats and bits/dim
+>>> grid[:4], len(images), len(scores["results"])
+(b'\x89PNG', 1, 2)
 
-    with VAEClient("http://127.0.0.1:8000") as vae:
-        codes = vae.encode(["digit.png"], sample=True, seed=0)        # JSON: mu, logvar, z per image
-        png = vae.sample(16, seed=0, format="png")                     # bytes of a PNG grid
-        images = VAEClient.to_images(vae.decode([[0.0] * 10]))       # PIL images
-        scores = vae.score(["digit.png"], k=500)                        # ELBO and log p(x), nats and bits/dim
-
-Images can be paths, bytes (PNG/JPEG) or PIL images. JSON answers come back as dicts; `format="png"` / `"gif"`
-answers as bytes. Errors raise VAEServiceError with the server's status, code and detail. Imports httpx and (only
-for PIL inputs and `to_images`) Pillow; never torch.
+Images can be a path (str or os.PathLike), PNG/JPEG bytes, a PIL image, a numpy array of pixels (uint8, or floats in
+[0, 1]: (H, W) or (H, W, C) for one image, (N, H, W) or (N, H, W, C) for a batch; channels last, as PIL and numpy
+store them), or a list of any of these. JSON answers come back as dicts; `format="png"` / `"gif"` answers as bytes.
+Errors raise VAEServiceError with the server's status, code and detail. Imports httpx and (only for PIL or numpy
+inputs and `to_images`) Pillow and numpy; never torch.
 """
 
 from __future__ import annotations
@@ -87,17 +90,36 @@ class VAEClient:
 
     @staticmethod
     def _read(image: Any) -> bytes:
-        if isinstance(image, bytes):
-            return image
+        """One image -> PNG/JPEG bytes: a path, bytes, a PIL image or a numpy array of one image's pixels."""
+        if isinstance(image, bytes | bytearray | memoryview):
+            return bytes(image)
         if isinstance(image, str | os.PathLike):
             with open(image, "rb") as f:
                 return f.read()
+        if _is_array(image):
+            image = _array_image(image)
+        if not hasattr(image, "save"):
+            raise TypeError(f"cannot send a {type(image).__name__} as an image: give a path, bytes, a PIL image or "
+                            "a numpy array")  # fmt: skip
         buf = io.BytesIO()  # a PIL image
         image.save(buf, format="PNG")
         return buf.getvalue()
 
-    def _upload(self, endpoint: str, images: Sequence[Any], fmt: str = "json", **fields: Any) -> Any:
-        files = [("image", (f"{i}.png", self._read(img), "application/octet-stream")) for i, img in enumerate(images)]
+    @classmethod
+    def _images(cls, images: Any) -> list[bytes]:
+        """One image or many (see the module's docstring) -> their bytes, in order."""
+        if isinstance(images, bytes | bytearray | memoryview | str | os.PathLike) or hasattr(images, "save"):
+            return [cls._read(images)]
+        if _is_array(images):
+            if images.ndim == 4 or (images.ndim == 3 and images.shape[-1] not in (1, 3, 4)):
+                return [cls._read(image) for image in images]  # a batch: (N, H, W, C) or (N, H, W)
+            return [cls._read(images)]
+        return [cls._read(image) for image in images]
+
+    def _upload(self, endpoint: str, images: Any, fmt: str = "json", **fields: Any) -> Any:
+        files = [
+            ("image", (f"{i}.png", data, "application/octet-stream")) for i, data in enumerate(self._images(images))
+        ]
         data = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in self._fields(**fields).items()}
         params = {"format": fmt} if fmt != "json" else None
         return self._answer(self._check(self.http.post(endpoint, files=files, data=data, params=params)), fmt)
@@ -126,7 +148,7 @@ class VAEClient:
         return dict(self._check(self.http.get(f"/v1/models/{name}")).json())
 
     def encode(
-        self, images: Sequence[Any], *, sample: bool = False, seed: int | None = None, model: str | None = None
+        self, images: Any, *, sample: bool = False, seed: int | None = None, model: str | None = None
     ) -> dict[str, Any]:
         """Posterior mean and log-variance per image (and a sample z when `sample`)."""
         return dict(self._upload("/v1/encode", images, sample=sample, seed=seed, model=model))
@@ -159,7 +181,7 @@ class VAEClient:
 
     def reconstruct(
         self,
-        images: Sequence[Any],
+        images: Any,
         *,
         seed: int = 0,
         binarize: bool | None = None,
@@ -174,7 +196,7 @@ class VAEClient:
 
     def score(
         self,
-        images: Sequence[Any],
+        images: Any,
         *,
         k: int = 100,
         seed: int = 0,
@@ -228,3 +250,28 @@ class VAEClient:
 
 def _is_latent(value: Any) -> bool:
     return isinstance(value, list | tuple) and all(isinstance(v, int | float) for v in value)
+
+
+def _is_array(value: Any) -> bool:
+    """A numpy array, recognised without importing numpy."""
+    return type(value).__module__ == "numpy" and hasattr(value, "ndim") and hasattr(value, "dtype")
+
+
+def _array_image(pixels: Any) -> Image.Image:
+    """One image's pixels, (H, W) or (H, W, C) with C in 1, 3, 4, uint8 or floats in [0, 1] -> a PIL image."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(pixels)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+        raise ValueError(f"an image array must be (H, W) or (H, W, C) with C in 1, 3, 4 (got shape {a.shape})")
+    if a.dtype != np.uint8:
+        if a.dtype.kind not in "fiub":
+            raise ValueError(f"an image array must hold numbers (got dtype {a.dtype})")
+        a = a.astype(np.float64)
+        if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+            raise ValueError("a float image array must hold values in [0, 1] (or send uint8 pixels in 0..255)")
+        a = np.rint(a * 255).astype(np.uint8)
+    return Image.fromarray(a)

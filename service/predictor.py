@@ -284,7 +284,8 @@ class VAEPredictor:
         """One encoded image -> the model's input when that is cheap enough for the event loop: an 8-bit PNG at the
         model's size and mode by libspng (uint8 (H, W, C)), any image up to INLINE_PIXELS by Pillow. A larger one
         comes back opened but not decoded, for image_tensor in a thread."""
-        ready = media.ready_png(data, self.input_shape)
+        _, h, w = self.input_shape
+        ready = media.ready_png(data, self.input_shape) if h * w <= self.max_image_pixels else None
         if ready is not None:
             return ready
         image = media.open_image(data, self.max_image_pixels, name)

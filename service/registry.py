@@ -32,7 +32,8 @@ class ServedModel:
 
 
 def discover(settings: Settings) -> dict[str, Path]:
-    """Model name -> checkpoint directory. Names are directory names. Raises StartupError with one clear line."""
+    """Model name -> checkpoint directory. A model's name is its directory's name (what `?model=` takes; the card's
+    own `name` is only shown in its card). Raises StartupError with one clear line."""
     root = settings.models_dir.expanduser()
     found: dict[str, Path] = {}
     if settings.models:
@@ -67,6 +68,12 @@ def discover(settings: Settings) -> dict[str, Path]:
             "set VAE_DEFAULT_MODEL or --default-model"
         )
     return found
+
+
+def default_name(names: list[str]) -> str:
+    """The model a request naming none gets, when the settings name none: the only one, else `mnist` (the bundled
+    default) when served, else the first name in alphabetical order."""
+    return "mnist" if "mnist" in names else sorted(names)[0]
 
 
 class ModelRegistry:
@@ -104,7 +111,7 @@ class ModelRegistry:
         except BaseException:
             await self.stop()
             raise
-        self.default = s.default_model or next(iter(self.models))
+        self.default = s.default_model or default_name(list(self.models))
         self.max_item_values = max(
             max(math.prod(m.predictor.input_shape), m.predictor.latent_dim) for m in self.models.values()
         )

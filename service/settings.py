@@ -26,7 +26,11 @@ class Settings(BaseSettings):
         description="model names (sub-directories of models_dir) or checkpoint paths to serve; "
         "default: every directory in models_dir that holds a model_card.json (env: comma-separated)",
     )
-    default_model: str | None = Field("mnist", description="model used when a request names none")
+    default_model: str | None = Field(
+        None,
+        description="model used when a request names none; default: the only model served, else `mnist` when "
+        "served, else the first name in alphabetical order",
+    )
     # -- where and how it runs ---------------------------------------------------------------------------------
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="weights dtype on GPU only")
@@ -63,7 +67,9 @@ class Settings(BaseSettings):
     # -- server (used by `python -m service` only) -----------------------------------------------------------
     host: str = Field("127.0.0.1", description="interface to bind")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="server log verbosity: critical, error, warning, info or debug"
+    )
     access_log: bool = Field(True, description="one log line per request")
     graceful_shutdown_s: float = Field(20.0, gt=0, description="on SIGTERM, the longest wait for requests in flight")
     max_connections: int | None = Field(

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 from service_helpers import digit_like, png
 
 from service.client import VAEClient, VAEServiceError
@@ -72,3 +75,82 @@ def test_errors_carry_status_code_and_detail() -> None:
         vae.score([png(digit_like(0))], k=10)
     assert (info.value.status, info.value.code, info.value.retry_after) == (503, "overloaded", "1")
     assert "retry later" in str(info.value)
+
+
+def uploaded_images(request: httpx.Request) -> list[np.ndarray]:
+    """The image parts of a recorded multipart request, decoded."""
+    boundary = request.headers["content-type"].split("boundary=")[1].encode()
+    parts = request.content.split(b"--" + boundary)[1:-1]
+    datas = [part.split(b"\r\n\r\n", 1)[1][:-2] for part in parts if b'name="image"' in part]
+    return [np.asarray(Image.open(io.BytesIO(data))) for data in datas]
+
+
+def test_every_kind_of_image_input(tmp_path) -> None:
+    """A path (str or Path), a list of paths, bytes, a PIL image, numpy pixels (uint8 or floats in [0, 1], one image
+    or a batch, grey or RGB): each uploads the same pixels."""
+    grey, rgb = digit_like(1), digit_like(2, channels=3)
+    path = tmp_path / "digit.png"
+    path.write_bytes(png(grey))
+    cases = {
+        "str path": (str(path), [grey]),
+        "Path": (path, [grey]),
+        "list of paths": ([str(path), path], [grey, grey]),
+        "bytes": (png(rgb), [rgb]),
+        "PIL image": (Image.fromarray(rgb), [rgb]),
+        "uint8 (H, W)": (grey, [grey]),
+        "uint8 (H, W, 1)": (grey[:, :, None], [grey]),
+        "float (H, W, 3)": (rgb / 255.0, [rgb]),
+        "uint8 batch (N, H, W)": (np.stack([grey, grey]), [grey, grey]),
+        "float batch (N, H, W, 3)": (np.stack([rgb, rgb]).astype(np.float32) / 255, [rgb, rgb]),
+        "list of arrays": ([grey, rgb], [grey, rgb]),
+    }
+    for name, (images, expected) in cases.items():
+        rec = Recorder()
+        with client_with(rec) as vae:
+            vae.encode(images)
+        got = uploaded_images(rec.requests[0])
+        assert len(got) == len(expected), name
+        for g, e in zip(got, expected, strict=True):
+            assert np.array_equal(g, e), name
+
+
+def test_bad_image_inputs_say_what_to_send() -> None:
+    with client_with(Recorder()) as vae:
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            vae.encode(np.full((8, 8), 2.0))
+        with pytest.raises(ValueError, match="shape"):
+            vae.encode(np.zeros((2, 2, 8, 8, 1), dtype=np.uint8))
+        with pytest.raises(TypeError, match="path, bytes, a PIL image or a numpy array"):
+            vae.encode([1.5])
+
+
+def test_the_module_docstring_runs(settings_for, tmp_path, monkeypatch) -> None:
+    """The examples in service.client's docstring, against the tiny models served by uvicorn on a free port."""
+    import doctest
+    import threading
+    import time
+
+    import uvicorn
+
+    from service import client as client_module
+    from service.main import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(settings_for()), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        (tmp_path / "digit.png").write_bytes(png(digit_like(1)))
+        monkeypatch.chdir(tmp_path)
+        real_client = httpx.Client
+        monkeypatch.setattr(
+            client_module.httpx, "Client", lambda base_url, **kw: real_client(base_url=f"http://127.0.0.1:{port}", **kw)
+        )
+        result = doctest.testmod(client_module, raise_on_error=False, verbose=False)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    assert result.attempted >= 3 and result.failed == 0

@@ -357,3 +357,39 @@ async def test_gpu_serving_matches_the_cpu_model(settings_for, tiny_model, dtype
     torch.testing.assert_close(torch.tensor([x["mu"] for x in r.json()["results"]]), mu, atol=tol, rtol=tol)
     expected = tiny_model.sample(3, generator=torch.Generator().manual_seed(2))  # CPU noise: same draws on GPU
     torch.testing.assert_close(torch.tensor(sample.json()["pixels"]), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.anyio
+async def test_one_image_as_png_is_the_image_itself_unframed(client) -> None:
+    r = await client.post("/v1/decode?format=png", json={"latents": [[0.0, 0.0]]})
+    assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (8, 8)
+    r = await client.get("/v1/sample?n=1&seed=0&format=png")
+    assert Image.open(io.BytesIO(r.content)).size == (8, 8)
+    grid = await client.get("/v1/sample?n=2&seed=0&format=png")
+    assert Image.open(io.BytesIO(grid.content)).size == (2 + 2 * 10, 2 + 10)  # two, framed in a grid
+
+
+@pytest.mark.anyio
+async def test_a_converted_upload_is_said_so(client) -> None:
+    """A 16x16 RGB upload to the 8x8 grey model is resized and made grey: the X-Input-Converted header says so;
+    an upload already at the model's size and mode gets no header."""
+    big = png(digit_like(0, size=(16, 16), channels=3))
+    r = await client.post("/v1/encode", files=files(png(digit_like(1)), big))
+    assert r.status_code == 200
+    note = r.headers["x-input-converted"]
+    assert "image 1 (upload)" in note and "16x16 to 8x8" in note and "RGB to L" in note and "image 0" not in note
+    plain = await client.post("/v1/encode", files=files(png(digit_like(1))))
+    assert "x-input-converted" not in plain.headers
+
+
+@pytest.mark.anyio
+async def test_the_api_docs_work_offline(client) -> None:
+    """/docs and /redoc load Swagger UI and ReDoc from this server, never a CDN."""
+    for page, assets in (("/docs", ("swagger-ui-bundle.js", "swagger-ui.css")), ("/redoc", ("redoc.standalone.js",))):
+        html = (await client.get(page)).text
+        assert "cdn.jsdelivr.net" not in html and "unpkg.com" not in html
+        for asset in assets:
+            url = f"/static-offline-docs/{asset}"
+            assert url in html
+            r = await client.get(url)
+            assert r.status_code == 200 and len(r.content) > 10_000

@@ -341,3 +341,29 @@ async def test_the_server_logs_one_line_not_a_traceback(settings_for, tmp_path) 
     assert sent[-1]["type"] == "lifespan.startup.failed"
     assert sent[-1]["message"].startswith("vae-serve cannot start: no checkpoints in")
     assert "Traceback" not in sent[-1]["message"] and "\n" not in sent[-1]["message"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "setting"),
+    [
+        ("get", "/v1/sample?n=1000", {}, "VAE_MAX_SAMPLE_N / --max-sample-n"),
+        ("get", "/v1/manifold?steps=31", {}, "VAE_MAX_MANIFOLD_STEPS / --max-manifold-steps"),
+        ("post", "/v1/score", {"json": {"pixels": [[0.0] * 64], "k": 5000}}, "VAE_MAX_SCORE_K / --max-score-k"),
+        ("post", "/v1/interpolate", {"json": {"latents": [[0, 0], [1, 1]], "steps": 65}}, "VAE_MAX_INTERPOLATE_STEPS"),
+        ("post", "/v1/decode", {"json": {"latents": [[0, 0]] * 65}}, "VAE_MAX_IMAGES_PER_REQUEST"),
+        ("post", "/v1/encode", {"json": {"pixels": [[0.0] * 64] * 65}}, "--max-images-per-request"),
+    ],
+)
+async def test_every_limit_error_names_the_setting_that_raises_it(client, method, path, kwargs, setting) -> None:
+    r = await getattr(client, method)(path, **kwargs)
+    assert_error(r, 422, "invalid_input", "over the limit" if "many" not in r.text else "too many", setting)
+
+
+@pytest.mark.anyio
+async def test_size_limits_name_their_settings(settings_for) -> None:
+    async with serve(settings_for(max_request_bytes=2048, max_image_pixels=16)) as (_, client):
+        r = await client.post("/v1/encode", files=files(b"x" * 4096))
+        assert_error(r, 413, "payload_too_large", "VAE_MAX_REQUEST_BYTES")
+        r = await client.post("/v1/encode", files=files(png(digit_like(0))))
+        assert_error(r, 413, "image_too_large", "VAE_MAX_IMAGE_PIXELS")

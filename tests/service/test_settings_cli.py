@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from service_helpers import serve
 
 from service import __main__ as cli
 from service.errors import StartupError
-from service.registry import discover
+from service.registry import default_name, discover
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,7 +31,7 @@ def test_environment_and_flags(monkeypatch) -> None:
 
 def test_defaults_are_documented_and_relative() -> None:
     s = Settings()
-    assert s.models_dir == Path("checkpoints") and s.default_model == "mnist" and s.device == "auto"
+    assert s.models_dir == Path("checkpoints") and s.default_model is None and s.device == "auto"
     assert s.max_wait_ms == 0 and s.api_key is None and s.host == "127.0.0.1"
 
 
@@ -64,6 +65,22 @@ def test_discovery(models_dir, tiny_checkpoint) -> None:
         discover(Settings(models_dir=models_dir, models=["not-a-checkpoint"], default_model=None))
     with pytest.raises(StartupError, match="two models are named 'tiny'"):
         discover(Settings(models_dir=models_dir, models=["tiny", str(tiny_checkpoint)], default_model=None))
+
+
+def test_the_default_model_without_a_setting() -> None:
+    """The only model served; else the bundled default `mnist` when served; else the first name alphabetically."""
+    assert default_name(["tiny"]) == "tiny"
+    assert default_name(["zeta", "mnist", "alpha"]) == "mnist"
+    assert default_name(["zeta", "alpha"]) == "alpha"
+
+
+@pytest.mark.anyio
+async def test_a_one_model_server_starts_with_that_model_as_default(tiny_checkpoint) -> None:
+    """`python -m service --models path/to/tiny` with no --default-model: `tiny` answers requests naming none."""
+    async with serve(Settings(models=[str(tiny_checkpoint)], cpu_threads=1)) as (_, client):
+        assert (await client.get("/v1/models")).json()["default"] == tiny_checkpoint.name
+        r = await client.post("/v1/decode", json={"latents": [[0.0, 0.0]]})
+        assert r.status_code == 200 and r.json()["model"] == tiny_checkpoint.name
 
 
 def test_dependency_direction() -> None:
