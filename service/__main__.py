@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         elif style == "choice":
             parser.add_argument(_flag(name), choices=conv, default=None, help=help_text)
         else:
-            metavar = "KEY" if name == "api_key" else None
-            parser.add_argument(_flag(name), type=conv, default=None, metavar=metavar, help=help_text)
+            parser.add_argument(
+                _flag(name), type=conv, default=None, metavar="KEY" if name == "api_key" else None, help=help_text
+            )
     return parser
 
 
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         port=settings.port,
         log_level=settings.log_level,
         access_log=settings.access_log,
-        timeout_graceful_shutdown=settings.graceful_shutdown_s,
+        # uvicorn annotates this as int but waits with asyncio, which takes fractions of a second as well.
+        timeout_graceful_shutdown=settings.graceful_shutdown_s,  # type: ignore[arg-type]
         limit_concurrency=settings.max_connections,
     )
 

@@ -83,7 +83,7 @@ def ready_png(data: bytes, input_shape: tuple[int, int, int]) -> np.ndarray | No
         pixels = pyspng.load(data)
     except RuntimeError:
         return None
-    if pixels.dtype != np.uint8 or pixels.shape[:2] != (h, w):
+    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.shape[:2] != (h, w):
         return None
     return pixels.reshape(h, w, c)
 

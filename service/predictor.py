@@ -34,6 +34,7 @@ from service.schemas import (
     Call,
     DecodeRequest,
     EncodeRequest,
+    Encoding,
     InterpolateRequest,
     ManifoldRequest,
     ReconstructRequest,
@@ -474,7 +475,7 @@ class VAEPredictor:
         outside the prior (finite, but huge) can overflow the decoder: that is the request's fault, a 422 here,
         never NaN pixels."""
         params = call.params
-        encoding = getattr(params, "encoding", "png")
+        encoding: Encoding = getattr(params, "encoding", "png")
         fields: dict[str, Any] = {"model": self.name}
         if "image" in out and "elbo" not in out:
             z = out.get("z", job.inputs.get("z"))
