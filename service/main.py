@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi_offline import FastAPIOffline
 
 from service import __version__
 from service.errors import install_handlers
@@ -31,12 +30,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     registry = ModelRegistry(settings, observer=registry_metrics)
     startup: dict[str, str] = {}
     # FastAPIOffline: /docs and /redoc with Swagger UI and ReDoc served from the package, not a CDN.
-    app = FastAPIOffline(
+    app = FastAPI(  # /docs and /redoc: routes/web.py, with their assets served from here
         title="vae-serve",
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan(registry, startup),
-        responses={},
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.registry = registry

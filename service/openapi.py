@@ -33,12 +33,25 @@ def _schema(schema: type[BaseModel]) -> dict[str, Any]:
     return schema.model_json_schema(ref_template="#/components/schemas/{model}")
 
 
-def json_body(schema: type[BaseModel]) -> dict[str, Any]:
+def query(schema: type[BaseModel]) -> dict[str, Any]:
+    """openapi_extra for a route that reads its query string itself (service.decoding.read_query): its parameters."""
+    full = _schema(schema)
+    required = set(full.get("required", ()))
+    parameters = []
+    for name, prop in full.get("properties", {}).items():
+        parameter = {"name": name, "in": "query", "required": name in required, "schema": prop}
+        if "description" in prop:
+            parameter["description"] = prop["description"]
+        parameters.append(parameter)
+    return {"parameters": parameters}
+
+
+def json_body(schema: type[BaseModel], query_schema: type[BaseModel]) -> dict[str, Any]:
     """openapi_extra for a route that reads its JSON body itself (to enforce the size limit first)."""
-    return {"requestBody": {"required": True, "content": {JSON: {"schema": _schema(schema)}}}}
+    return {"requestBody": {"required": True, "content": {JSON: {"schema": _schema(schema)}}}, **query(query_schema)}
 
 
-def images_body(schema: type[BaseModel]) -> dict[str, Any]:
+def images_body(schema: type[BaseModel], query_schema: type[BaseModel]) -> dict[str, Any]:
     """openapi_extra for a route that takes JSON or multipart uploads (`image`, repeated) plus form fields."""
     form = _schema(schema)
     props = {k: v for k, v in form.get("properties", {}).items() if k not in ("images", "pixels", "latents")}
@@ -55,7 +68,8 @@ def images_body(schema: type[BaseModel]) -> dict[str, Any]:
                 MULTIPART: {"schema": multipart, "encoding": {"image": {"contentType": "image/png, image/jpeg"}}},
                 JSON: {"schema": form},
             },
-        }
+        },
+        **query(query_schema),
     }
 
 

@@ -12,10 +12,14 @@ from service.schemas import ErrorResponse, Health, Readiness
 router = APIRouter(tags=["health"])
 
 
+HEALTHY = Health(status="ok").model_dump_json().encode()
+
+
 @router.get("/healthz", response_model=Health)
-async def healthz() -> Health:
+async def healthz() -> Response:
     """The process is alive (says nothing about the models)."""
-    return Health(status="ok")
+    # The schema's JSON, written once: probes call this every few seconds, and it measures the stack's own cost.
+    return Response(HEALTHY, media_type="application/json")
 
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": ErrorResponse}})

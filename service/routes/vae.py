@@ -6,13 +6,13 @@ HTTP request into a Call, and `answer` does the rest.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 
 from service import decoding, rendering
 from service.deps import RegistryDep, SettingsDep
-from service.openapi import ERRORS, image_responses, images_body, json_body
+from service.openapi import ERRORS, image_responses, images_body, json_body, query
 from service.registry import ModelRegistry
 from service.schemas import (
     Call,
@@ -37,9 +37,6 @@ from service.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["vae"])
 
-PostQuery = Annotated[ModelQuery, Query()]
-PostFormatQuery = Annotated[ModelFormatQuery, Query()]
-
 
 async def answer(request: Request, call: Call[Any], settings: Settings, registry: ModelRegistry) -> Response:
     """A decoded request through the model it names: the predictor's contract around one trip through the model's
@@ -60,10 +57,12 @@ async def answer(request: Request, call: Call[Any], settings: Settings, registry
     return await rendering.render(result, call.format, settings.gif_frame_ms)  # JSON, PNG or GIF
 
 
-@router.post("/encode", response_model=EncodeResponse, responses=ERRORS, openapi_extra=images_body(EncodeRequest))
-async def encode_images(request: Request, query: PostQuery, settings: SettingsDep, registry: RegistryDep) -> Response:
+@router.post(
+    "/encode", response_model=EncodeResponse, responses=ERRORS, openapi_extra=images_body(EncodeRequest, ModelQuery)
+)
+async def encode_images(request: Request, settings: SettingsDep, registry: RegistryDep) -> Response:
     """Encode images to the posterior q(z|x): mean and log-variance, and a seeded sample z on request."""
-    call = await decoding.images_call(request, EncodeRequest, query, settings)
+    call = await decoding.images_call(request, EncodeRequest, settings)
     return await answer(request, call, settings, registry)
 
 
@@ -71,25 +70,26 @@ async def encode_images(request: Request, query: PostQuery, settings: SettingsDe
     "/decode",
     response_model=DecodeResponse,
     responses=image_responses(DecodeResponse, "image/png"),
-    openapi_extra=json_body(DecodeRequest),
+    openapi_extra=json_body(DecodeRequest, ModelFormatQuery),
 )
-async def decode_latents(
-    request: Request, query: PostFormatQuery, settings: SettingsDep, registry: RegistryDep
-) -> Response:
+async def decode_latents(request: Request, settings: SettingsDep, registry: RegistryDep) -> Response:
     """Decode latent vectors to images (the decoder's mean: probabilities for Bernoulli models, never logits)."""
-    call = await decoding.json_call(request, DecodeRequest, query, settings, ("json", "png"))
+    call = await decoding.json_call(request, DecodeRequest, settings, ("json", "png"))
     return await answer(request, call, settings, registry)
 
 
-@router.get("/sample", response_model=SampleResponse, responses=image_responses(SampleResponse, "image/png"))
-async def sample_images(
-    request: Request, query: Annotated[SampleRequest, Query()], settings: SettingsDep, registry: RegistryDep
-) -> Response:
+@router.get(
+    "/sample",
+    response_model=SampleResponse,
+    responses=image_responses(SampleResponse, "image/png"),
+    openapi_extra=query(SampleRequest),
+)
+async def sample_images(request: Request, settings: SettingsDep, registry: RegistryDep) -> Response:
     """Draw images from the prior: z ~ N(0, temperature^2 I), decoded. A PNG grid or JSON.
 
     A plain autoencoder samples too: decoding N(0, I) codes shows that its code space is not the prior's (see
     docs/ae-vs-vae.md), which is the point of serving it."""
-    call = decoding.query_call(request, query, settings, ("json", "png"))
+    call = decoding.query_call(request, SampleRequest, settings, ("json", "png"))
     return await answer(request, call, settings, registry)
 
 
@@ -97,20 +97,20 @@ async def sample_images(
     "/reconstruct",
     response_model=ReconstructResponse,
     responses=image_responses(ReconstructResponse, "image/png"),
-    openapi_extra=images_body(ReconstructRequest),
+    openapi_extra=images_body(ReconstructRequest, ModelFormatQuery),
 )
-async def reconstruct_images(
-    request: Request, query: PostFormatQuery, settings: SettingsDep, registry: RegistryDep
-) -> Response:
+async def reconstruct_images(request: Request, settings: SettingsDep, registry: RegistryDep) -> Response:
     """Reconstruct images through the posterior mean, with each image's ELBO, reconstruction term and KL."""
-    call = await decoding.images_call(request, ReconstructRequest, query, settings, ("json", "png"))
+    call = await decoding.images_call(request, ReconstructRequest, settings, ("json", "png"))
     return await answer(request, call, settings, registry)
 
 
-@router.post("/score", response_model=ScoreResponse, responses=ERRORS, openapi_extra=images_body(ScoreRequest))
-async def score_images(request: Request, query: PostQuery, settings: SettingsDep, registry: RegistryDep) -> Response:
+@router.post(
+    "/score", response_model=ScoreResponse, responses=ERRORS, openapi_extra=images_body(ScoreRequest, ModelQuery)
+)
+async def score_images(request: Request, settings: SettingsDep, registry: RegistryDep) -> Response:
     """Score images: ELBO and importance-weighted log-likelihood (nats, bits/dim); low scores flag anomalies."""
-    call = await decoding.images_call(request, ScoreRequest, query, settings)
+    call = await decoding.images_call(request, ScoreRequest, settings)
     return await answer(request, call, settings, registry)
 
 
@@ -118,21 +118,22 @@ async def score_images(request: Request, query: PostQuery, settings: SettingsDep
     "/interpolate",
     response_model=InterpolateResponse,
     responses=image_responses(InterpolateResponse, "image/png", "image/gif"),
-    openapi_extra=images_body(InterpolateRequest),
+    openapi_extra=images_body(InterpolateRequest, ModelFormatQuery),
 )
-async def interpolate(
-    request: Request, query: PostFormatQuery, settings: SettingsDep, registry: RegistryDep
-) -> Response:
+async def interpolate(request: Request, settings: SettingsDep, registry: RegistryDep) -> Response:
     """Frames between two images (their posterior means) or two latents, along a line or a great circle."""
-    call = await decoding.images_call(request, InterpolateRequest, query, settings, ("json", "png", "gif"))
+    call = await decoding.images_call(request, InterpolateRequest, settings, ("json", "png", "gif"))
     return await answer(request, call, settings, registry)
 
 
-@router.get("/manifold", response_model=ManifoldResponse, responses=image_responses(ManifoldResponse, "image/png"))
-async def latent_manifold(
-    request: Request, query: Annotated[ManifoldRequest, Query()], settings: SettingsDep, registry: RegistryDep
-) -> Response:
+@router.get(
+    "/manifold",
+    response_model=ManifoldResponse,
+    responses=image_responses(ManifoldResponse, "image/png"),
+    openapi_extra=query(ManifoldRequest),
+)
+async def latent_manifold(request: Request, settings: SettingsDep, registry: RegistryDep) -> Response:
     """The decoded steps x steps grid over a 2-D latent plane (paper Fig. 4): the prior's plane for 2-D models,
     else the two leading principal directions of the training codes recorded in the card."""
-    call = decoding.query_call(request, query, settings, ("json", "png"))
+    call = decoding.query_call(request, ManifoldRequest, settings, ("json", "png"))
     return await answer(request, call, settings, registry)
