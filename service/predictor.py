@@ -221,6 +221,8 @@ class VAEPredictor:
             seed = params.seed if params.seed is not None else fresh_seed()
             return Job("encode", {"x": x, "eps": self.noise(len(x), generator(seed))}, seed=seed, notes=notes)
         if isinstance(params, DecodeRequest):
+            if call.tensor is not None:
+                return Job("decode", {"z": self.latents_array(call.tensor)})
             return Job("decode", {"z": self.latents_tensor(params.latents)})
         if isinstance(params, SampleRequest):
             seed = params.seed if params.seed is not None else fresh_seed()
@@ -260,6 +262,11 @@ class VAEPredictor:
         that had to be resized or converted to the model's channels. Uploads are decoded on the event loop when
         that is cheap (an 8-bit PNG at the model's size by libspng, any image up to INLINE_PIXELS by Pillow), in a
         thread otherwise."""
+        if call.tensor is not None:
+            x = self.images_tensor(call.tensor)
+            if exactly is not None and len(x) != exactly:
+                raise InvalidInput(f"send exactly {exactly} images (got {len(x)})")
+            return x, []
         pixels = getattr(call.params, "pixels", None) or []
         n = len(call.files) + len(pixels)
         if exactly is not None and n != exactly:
@@ -342,6 +349,33 @@ class VAEPredictor:
         if not bool(torch.isfinite(t).all()) or float(t.min()) < 0.0 or float(t.max()) > 1.0:
             raise InvalidInput(f"{what} must hold finite values in [0, 1]")
         return t.reshape(c, h, w)
+
+    def images_tensor(self, array: np.ndarray, what: str = "the tensor") -> torch.Tensor:
+        """A raw tensor of images (N, C, H, W), uint8 in 0..255 or floats in [0, 1], at the model's exact shape ->
+        float32 (N, C, H, W) in [0, 1]; raises InvalidInput naming the expected shape or range against the given."""
+        c, h, w = self.input_shape
+        if array.ndim != 4 or tuple(array.shape[1:]) != (c, h, w) or len(array) == 0:
+            raise InvalidInput(
+                f"{what} has shape {list(array.shape)}; model {self.name!r} takes images shaped [N, {c}, {h}, {w}]"
+            )
+        if array.dtype == np.uint8:
+            return torch.from_numpy(array.astype(np.float32) / 255.0)
+        t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        if not bool(torch.isfinite(t).all()) or float(t.min()) < 0.0 or float(t.max()) > 1.0:
+            raise InvalidInput(f"{what} must hold finite values in [0, 1] (or uint8 pixels in 0..255)")
+        return t
+
+    def latents_array(self, array: np.ndarray, what: str = "the tensor") -> torch.Tensor:
+        """A raw tensor of latents (N, latent_dim) -> float32; raises InvalidInput on a wrong shape or a non-finite
+        value."""
+        if array.ndim != 2 or array.shape[1] != self.latent_dim or len(array) == 0:
+            raise InvalidInput(
+                f"{what} has shape {list(array.shape)}; model {self.name!r} takes latents shaped [N, {self.latent_dim}]"
+            )
+        z = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        if not bool(torch.isfinite(z).all()):
+            raise InvalidInput(f"{what} must be finite float32 numbers (no NaN, no infinity, |v| < 3.4e38)")
+        return z
 
     def latents_tensor(self, rows: list[list[float]], what: str = "latents") -> torch.Tensor:
         """Latent vectors -> (n, latent_dim) float32; raises InvalidInput on a wrong length or a non-finite value."""

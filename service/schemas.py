@@ -14,6 +14,7 @@ Latent = list[FiniteFloat]
 # A pixel array in [0, 1]: (C, H, W), (H, W) for one-channel models, or flat C*H*W (checked against the model).
 PixelArray = list[Any]
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 Encoding = Literal["png", "pixels"]
@@ -311,12 +312,14 @@ class Call(Generic[P]):
 
     `params` holds the validated fields (body, form fields and query string; `model` is the one model named);
     `files` the encoded images in order (multipart uploads, or the JSON `images` decoded from base64), `names` how
-    errors name each; `format` the negotiated response format."""
+    errors name each; `tensor` a raw tensor instead (a binary body: images (N, C, H, W), uint8 in 0..255 or floats
+    in [0, 1], or latents (N, latent_dim)); `format` the negotiated response format."""
 
     params: P
     format: Format = "json"
     files: list[bytes] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
+    tensor: np.ndarray | None = None
 
 
 @dataclass
