@@ -28,7 +28,7 @@ from model.losses import training_loss
 from model.metrics import dataset_elbo, full_metrics, latent_statistics, posterior_means
 from model.preprocess import input_spec
 from model.report import METRICS_CSV, plot_loss_curve, write_figures, write_metrics_csv
-from model.vae import ACTIVATIONS, BODIES, KINDS, LIKELIHOODS, UPSAMPLES, VAE, VAEConfig
+from model.vae import ACTIVATIONS, BODIES, KINDS, LIKELIHOODS, PRIORS, UPSAMPLES, VAE, VAEConfig
 
 STATE_DIR = "train_state"  # resume state: current weights, Adam moments, RNG states (safetensors + JSON, no pickle)
 
@@ -44,7 +44,7 @@ class TrainConfig:
     batch_size: int = 100
     lr: float = 1e-3
     min_lr: float = 1e-4
-    lr_schedule: str = "cosine"  # "cosine" | "constant"
+    lr_schedule: str = "cosine"  # "cosine" (over the epochs) | "cosine-time" (over --max-minutes) | "constant"
     weight_decay: float = 0.0
     beta: float = 1.0
     warmup_epochs: float = 0.0  # linear KL warm-up from 0 to beta over this many epochs
@@ -90,12 +90,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
     arch.add_argument("--latent-dim", type=int, default=20)
     arch.add_argument("--activation", default="relu", choices=sorted(ACTIVATIONS))
     arch.add_argument("--likelihood", default=None, choices=LIKELIHOODS, help="default: the dataset's own")
+    arch.add_argument("--res-blocks", type=int, default=0, help="residual blocks at each conv resolution")
+    arch.add_argument("--prior", default="standard", choices=PRIORS, help="p(z): N(0, I), RealNVP flow or VampPrior")
+    arch.add_argument("--flow-layers", type=int, default=8, help="coupling layers of --prior flow")
+    arch.add_argument("--flow-hidden", type=int, default=256, help="hidden width of each coupling layer")
+    arch.add_argument("--vamp-components", type=int, default=500, help="pseudo-inputs of --prior vamp")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=d.epochs)
     opt.add_argument("--batch-size", type=int, default=d.batch_size, help="global, split over processes")
     opt.add_argument("--lr", type=float, default=d.lr)
     opt.add_argument("--min-lr", type=float, default=d.min_lr, help="end of the cosine schedule")
-    opt.add_argument("--lr-schedule", default=d.lr_schedule, choices=["cosine", "constant"])
+    opt.add_argument("--lr-schedule", default=d.lr_schedule, choices=["cosine", "cosine-time", "constant"],
+                     help="cosine: decay over --epochs; cosine-time: decay over the --max-minutes budget (robust to "
+                     "a shared machine's speed, not bit-reproducible); constant")  # fmt: skip
     opt.add_argument("--weight-decay", type=float, default=d.weight_decay)
     opt.add_argument("--beta", type=float, default=d.beta, help="weight of the KL term")
     opt.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear KL warm-up")
@@ -137,10 +144,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
             input_shape=dataset_shape, latent_dim=a.latent_dim, encoder=a.encoder, decoder=a.decoder,
             hidden_dims=tuple(a.hidden), conv_channels=tuple(a.conv_channels), upsample=a.upsample,
             activation=a.activation,
-            likelihood=likelihood, kind=a.model,
+            likelihood=likelihood, kind=a.model, res_blocks=a.res_blocks, prior=a.prior, flow_layers=a.flow_layers,
+            flow_hidden=a.flow_hidden, vamp_components=a.vamp_components,
         )  # fmt: skip
     except ValueError as e:
         p.error(str(e))
+    if a.lr_schedule == "cosine-time" and a.max_minutes is None:
+        p.error("--lr-schedule cosine-time needs --max-minutes")
     if a.iwae_k < 1 or (a.iwae_k > 1 and a.model == "ae"):
         p.error("--iwae-k must be >= 1, and 1 for --model ae (an autoencoder has no posterior to sample)")
     cfg = TrainConfig(
@@ -154,11 +164,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
     return cfg, vae_config.to_dict()
 
 
-def learning_rate(cfg: TrainConfig, epoch: int) -> float:
-    """Cosine decay from lr to min_lr over the planned epochs (stateless, so resuming needs no scheduler)."""
-    if cfg.lr_schedule == "constant" or cfg.epochs <= 1:
+def learning_rate(cfg: TrainConfig, epoch: int, elapsed_s: float = 0.0) -> float:
+    """Cosine decay from lr to min_lr over the planned epochs, or over the wall-time budget for "cosine-time"
+    (stateless, so resuming needs no scheduler)."""
+    if cfg.lr_schedule == "cosine-time" and cfg.max_minutes:
+        t = min(1.0, elapsed_s / (cfg.max_minutes * 60))
+    elif cfg.lr_schedule == "constant" or cfg.epochs <= 1:
         return cfg.lr
-    t = min(1.0, epoch / (cfg.epochs - 1))
+    else:
+        t = min(1.0, epoch / (cfg.epochs - 1))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
 
 
@@ -267,7 +281,7 @@ def train(cfg: TrainConfig, vae_config: VAEConfig, command: str) -> dict | None:
     bad_epochs = len(history) - 1 - best["epoch"] if history else 0
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
-        lr = learning_rate(cfg, epoch)
+        lr = learning_rate(cfg, epoch, elapsed_before + t0 - started)
         for group in optimizer.param_groups:
             group["lr"] = lr
         net.train()
