@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench import loadgen  # noqa: E402
+from model.device import resolve_device  # noqa: E402
 from service import media, multipart  # noqa: E402
-from service.predictor import VAEPredictor, resolve_device  # noqa: E402
+from service.predictor import VAEPredictor  # noqa: E402
 from service.routes import payloads, vae  # noqa: E402
 
 BATCHES = (1, 8, 64, 256)

@@ -39,8 +39,12 @@ class DatasetSpec:
     likelihood: str  # the decoder that fits the data: "bernoulli" (binarised) or "gaussian" (continuous)
 
 
-_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-                "t10k-labels-idx1-ubyte.gz")  # fmt: skip
+_MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 DATASETS: dict[str, DatasetSpec] = {
     "mnist": DatasetSpec(
         "mnist",
@@ -55,7 +59,7 @@ DATASETS: dict[str, DatasetSpec] = {
                     "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
                 ),
             )
-        ),  # fmt: skip
+        ),
         ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
         (1, 28, 28),
         "bernoulli",
@@ -73,7 +77,7 @@ DATASETS: dict[str, DatasetSpec] = {
                     "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
                 ),
             )
-        ),  # fmt: skip
+        ),
         ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
         (1, 28, 28),
         "bernoulli",

@@ -115,7 +115,7 @@ def full_metrics(
         "active_units": active_units(posterior_means(model, x_test)),
         "active_units_threshold": 0.01,
     }
-    if model.config.kind == "vae":
+    if model.stochastic and k > 0:  # the plain autoencoder defines no likelihood; k = 0 asks for none
         nll = dataset_nll(model, x_test, k=k, seed=seed, progress=progress, workers=workers)
         metrics.update(
             test_nll=round(nll, 4),

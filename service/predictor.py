@@ -50,19 +50,6 @@ def is_out_of_memory(error: BaseException) -> bool:
     )
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when present, else CPU; 'cuda:N' is checked against the devices present."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} was requested but CUDA is not available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} does not exist ({torch.cuda.device_count()} CUDA device(s))")
-    return device
-
-
 class VAEPredictor:
     """A checkpoint loaded for inference.
 
@@ -109,7 +96,7 @@ class VAEPredictor:
 
     @property
     def is_vae(self) -> bool:
-        return self.config.kind == "vae"
+        return self.model.stochastic
 
     @property
     def bernoulli(self) -> bool:
@@ -270,8 +257,8 @@ class VAEPredictor:
             return {k: v.float().cpu() for k, v in out.items()}
 
     def _reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        # VAE.reparameterize with pre-drawn noise (see `noise`); the plain autoencoder's code is its mean.
-        return mu if not self.is_vae else mu + torch.exp(0.5 * logvar) * eps
+        # Pre-drawn noise (see `noise`); the plain autoencoder's code is its mean.
+        return self.model.reparameterize(mu, logvar, eps)
 
     def _encode(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> Tensors:
         mu, logvar = self.model.encode(x)

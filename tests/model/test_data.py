@@ -119,8 +119,9 @@ def test_download_verifies_checksums_against_local_files(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == sorted(f.name for f in files)
     assert data.load_dataset("mnist", tmp_path / "dst").train.shape[0] == 30
     # a mirror serving other bytes is refused, and nothing half-written is left behind
-    bad = data.DatasetSpec("mnist", (data.RemoteFile(files[0].name, "0" * 64),), (source.as_uri() + "/",),
-                           (1, 28, 28), "bernoulli")  # fmt: skip
+    bad = data.DatasetSpec(
+        "mnist", (data.RemoteFile(files[0].name, "0" * 64),), (source.as_uri() + "/",), (1, 28, 28), "bernoulli"
+    )
     monkeypatch.setitem(data.DATASETS, "mnist", bad)
     with pytest.raises(OSError, match="sha256 mismatch"):
         data.download("mnist", tmp_path / "dst2")

@@ -53,8 +53,10 @@ def test_iwae_is_above_the_elbo_on_average_and_tightens_with_k():
     g = torch.Generator().manual_seed(0)
     x = torch.bernoulli(torch.full((64, 1, 6, 6), 0.3), generator=g)
     elbo_mean = float(torch.stack([elbo(model, x, generator=g).elbo for _ in range(20)]).mean())
-    ll = {k: float(iwae_log_likelihood(model, x, k=k, generator=torch.Generator().manual_seed(k)).mean())
-          for k in (1, 10, 200)}  # fmt: skip
+    ll = {
+        k: float(iwae_log_likelihood(model, x, k=k, generator=torch.Generator().manual_seed(k)).mean())
+        for k in (1, 10, 200)
+    }
     assert abs(ll[1] - elbo_mean) < 1.0  # k=1 is the ELBO itself
     assert elbo_mean <= ll[10] <= ll[200]
 

@@ -14,9 +14,15 @@ from model.vae import VAE, VAEConfig
 
 def tiny_config(prior: str, latent_dim: int = 2, **kw: object) -> VAEConfig:
     return VAEConfig(
-        input_shape=(1, 6, 6), latent_dim=latent_dim, hidden_dims=(12,), prior=prior, flow_layers=4, flow_hidden=16,
-        vamp_components=5, **kw,
-    )  # fmt: skip
+        input_shape=(1, 6, 6),
+        latent_dim=latent_dim,
+        hidden_dims=(12,),
+        prior=prior,
+        flow_layers=4,
+        flow_hidden=16,
+        vamp_components=5,
+        **kw,
+    )
 
 
 def tiny_model(prior: str, latent_dim: int = 2, seed: int = 0) -> VAE:
@@ -186,8 +192,16 @@ def test_configs_without_the_new_fields_load_with_todays_behaviour():
 
 
 def test_residual_blocks_start_as_the_identity_and_keep_shapes():
-    cfg = VAEConfig(input_shape=(1, 12, 12), latent_dim=3, encoder="conv", decoder="conv", conv_channels=(4, 8),
-                    hidden_dims=(16,), res_blocks=2, upsample="subpixel")  # fmt: skip
+    cfg = VAEConfig(
+        input_shape=(1, 12, 12),
+        latent_dim=3,
+        encoder="conv",
+        decoder="conv",
+        conv_channels=(4, 8),
+        hidden_dims=(16,),
+        res_blocks=2,
+        upsample="subpixel",
+    )
     model = VAE(cfg)
     out = model(torch.rand(2, 1, 12, 12))
     assert out.params.shape == (2, 1, 12, 12)

@@ -23,8 +23,15 @@ def read_csv(path):
 
 def test_training_writes_a_complete_checkpoint(tiny_checkpoint):
     model, card = checkpoint.load(tiny_checkpoint)
-    for name in ("weights.safetensors", "model_card.json", METRICS_CSV, "loss_curve.png", "samples.png",
-                 "reconstructions.png", "manifold.png"):  # fmt: skip
+    for name in (
+        "weights.safetensors",
+        "model_card.json",
+        METRICS_CSV,
+        "loss_curve.png",
+        "samples.png",
+        "reconstructions.png",
+        "manifold.png",
+    ):
         assert (tiny_checkpoint / name).is_file(), name
     assert card["input"]["shape"] == [1, 8, 8] and card["input"]["color_mode"] == "L"
     m = card["metrics"]
@@ -45,8 +52,9 @@ def test_loss_falls_on_a_tiny_dataset(tmp_path):
 
 
 def test_iwae_objective_trains_and_is_recorded(tmp_path):
-    out = make_tiny_checkpoint(tmp_path, "iwae", "--epochs", "6", "--lr", "3e-3", "--lr-schedule", "constant",
-                               "--iwae-k", "4")  # fmt: skip
+    out = make_tiny_checkpoint(
+        tmp_path, "iwae", "--epochs", "6", "--lr", "3e-3", "--lr-schedule", "constant", "--iwae-k", "4"
+    )
     rows = read_csv(out / METRICS_CSV)
     assert float(rows[-1]["train_elbo"]) > float(rows[0]["train_elbo"]) + 1.0
     card = json.loads((out / "model_card.json").read_text())
@@ -113,10 +121,39 @@ def test_torchrun_two_processes(tmp_path):
     images = write_synthetic_images(tmp_path / "images")
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "model.train",
-           "--dataset", "folder", "--image-dir", str(images), "--image-size", "8x8", "--channels", "1",
-           "--hidden", "16", "--latent-dim", "2", "--likelihood", "bernoulli", "--epochs", "2", "--batch-size", "16",
-           "--eval-k", "4", "--no-progress", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "model.train",
+        "--dataset",
+        "folder",
+        "--image-dir",
+        str(images),
+        "--image-size",
+        "8x8",
+        "--channels",
+        "1",
+        "--hidden",
+        "16",
+        "--latent-dim",
+        "2",
+        "--likelihood",
+        "bernoulli",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--eval-k",
+        "4",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     _, card = checkpoint.load(out)

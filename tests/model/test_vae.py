@@ -7,7 +7,7 @@ CONFIGS = {
     "mlp-bernoulli": VAEConfig(input_shape=(1, 8, 8), latent_dim=2, hidden_dims=(16,)),
     "mlp-gaussian-2layers": VAEConfig(
         input_shape=(1, 7, 5), latent_dim=3, hidden_dims=(16, 8), likelihood="gaussian", activation="tanh"
-    ),  # fmt: skip
+    ),
     "conv-rgb": VAEConfig(
         input_shape=(3, 16, 16),
         latent_dim=4,
@@ -16,17 +16,23 @@ CONFIGS = {
         conv_channels=(4, 8),
         hidden_dims=(16,),
         likelihood="gaussian",
-    ),  # fmt: skip
+    ),
     "conv-odd-sides": VAEConfig(
         input_shape=(1, 28, 20), latent_dim=2, encoder="conv", decoder="conv", conv_channels=(4, 8), hidden_dims=()
-    ),  # fmt: skip
+    ),
     "conv-subpixel-odd-sides-rgb": VAEConfig(
-        input_shape=(3, 13, 10), latent_dim=2, encoder="conv", decoder="conv", conv_channels=(4, 8),
-        hidden_dims=(8,), upsample="subpixel", likelihood="gaussian",
-    ),  # fmt: skip
+        input_shape=(3, 13, 10),
+        latent_dim=2,
+        encoder="conv",
+        decoder="conv",
+        conv_channels=(4, 8),
+        hidden_dims=(8,),
+        upsample="subpixel",
+        likelihood="gaussian",
+    ),
     "conv-enc-mlp-dec": VAEConfig(
         input_shape=(1, 28, 28), latent_dim=5, encoder="conv", decoder="mlp", conv_channels=(4,), hidden_dims=(32,)
-    ),  # fmt: skip
+    ),
 }
 
 

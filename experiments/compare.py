@@ -1,9 +1,10 @@
 """AE vs VAE: why the VAE is a generative model and the plain autoencoder is not.
 
-`python -m model.compare AE_CHECKPOINT VAE_CHECKPOINT --out docs/ae-vs-vae/mnist` writes, for two models trained on
-the same data: prior samples decoded by each (the same N(0, I) codes), the test set's latent codes side by side
-(coloured by class when the dataset has labels), interpolations between the same test pairs, and `metrics.json`:
-reconstruction error, the share of prior samples a check judges plausible, and how far the codes are from N(0, I).
+`python -m experiments.compare AE_CHECKPOINT VAE_CHECKPOINT --out docs/ae-vs-vae/mnist` writes, for two models
+trained on the same data: prior samples decoded by each (the same N(0, I) codes), the test set's latent codes side
+by side (coloured by class when the dataset has labels), interpolations between the same test pairs, and
+`metrics.json`: reconstruction error, the share of prior samples a check judges plausible, and how far the codes
+are from N(0, I).
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def _as_data(vae: VAE, images: torch.Tensor, g: torch.Generator) -> torch.Tensor
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m model.compare", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.add_argument("ae", help="the plain autoencoder's checkpoint")
     p.add_argument("vae", help="the VAE's checkpoint (same dataset)")
