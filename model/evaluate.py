@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -17,7 +18,7 @@ from model.losses import bits_per_dim
 from model.metrics import full_metrics
 
 
-def load_test_set(card: dict, data_root: str, image_dir: str | None = None) -> torch.Tensor:
+def load_test_set(card: dict[str, Any], data_root: str, image_dir: str | None = None) -> torch.Tensor:
     """The test images exactly as training measured them (fixed-seed binarisation for Bernoulli models)."""
     config = card["config"]
     name = card["dataset"]["name"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -143,7 +144,10 @@ def _iwae_log_likelihood(
     return running - math.log(k)
 
 
-def bits_per_dim(nats: torch.Tensor | float, dims: int) -> torch.Tensor | float:
+NatsT = TypeVar("NatsT", torch.Tensor, float)
+
+
+def bits_per_dim(nats: NatsT, dims: int) -> NatsT:
     """Negative log-likelihood in nats per example -> bits per dimension."""
     return nats / (dims * math.log(2))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 from torch import nn
@@ -98,18 +99,20 @@ class AffineCoupling(nn.Module):
     """One RealNVP coupling layer (Dinh et al. 2017, Eq. 7): the coordinates where `mask` is 1 pass through and set
     a scale and shift for the others. Its last layer starts at zero, so a new layer is the identity."""
 
+    mask: torch.Tensor
+
     def __init__(self, mask: torch.Tensor, hidden: int, act: type[nn.Module]):
         super().__init__()
         dim = mask.numel()
         self.register_buffer("mask", mask, persistent=False)  # rebuilt from the config, never stored
-        self.net = nn.Sequential(
-            nn.Linear(dim, hidden), act(), nn.Linear(hidden, hidden), act(), nn.Linear(hidden, 2 * dim)
-        )
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
+        last = nn.Linear(hidden, 2 * dim)  # -> (log-scale, shift), each (..., dim)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.net = nn.Sequential(nn.Linear(dim, hidden), act(), nn.Linear(hidden, hidden), act(), last)
 
     def _scale_shift(self, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s, t = self.net(kept).chunk(2, dim=-1)
+        out: torch.Tensor = self.net(kept)
+        s, t = out.chunk(2, dim=-1)
         free = 1 - self.mask
         return SCALE_CLAMP * torch.tanh(s / SCALE_CLAMP) * free, t * free
 
@@ -142,9 +145,12 @@ class FlowPrior(Prior):
         super().__init__(latent_dim, latent_dim)
         self.layers = nn.ModuleList(AffineCoupling(m, hidden, act) for m in coupling_masks(latent_dim, layers))
 
+    def couplings(self) -> list[AffineCoupling]:
+        return [cast(AffineCoupling, layer) for layer in self.layers]
+
     def transform(self, noise: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         z = noise * temperature
-        for layer in reversed(self.layers):
+        for layer in reversed(self.couplings()):
             z = layer.inverse(z)
         return z
 
@@ -155,7 +161,7 @@ class FlowPrior(Prior):
     def to_base(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """f(z) and log |det df/dz|, each with z's leading shape."""
         log_det = torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
-        for layer in self.layers:
+        for layer in self.couplings():
             z, ld = layer(z)
             log_det = log_det + ld
         return z, log_det
@@ -163,6 +169,9 @@ class FlowPrior(Prior):
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         u, log_det = self.to_base(z)
         return log_normal(u) + log_det
+
+
+Encode = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # images -> (mu, logvar)
 
 
 class VampPrior(Prior):
@@ -173,7 +182,7 @@ class VampPrior(Prior):
     times K), the rest place the point within it: z = mu_k + temperature * sigma_k * noise[..., 1:]. Temperature
     scales the spread within a component only; every component stays as likely. Temperature 0 gives mu_k."""
 
-    def __init__(self, latent_dim: int, components: int, input_shape: tuple[int, int, int], encode: Callable):
+    def __init__(self, latent_dim: int, components: int, input_shape: tuple[int, int, int], encode: Encode):
         super().__init__(latent_dim, latent_dim + 1)
         # Small random logits: grey images with a little variety, so the components start distinct but close.
         self.pseudo_logits = nn.Parameter(0.1 * torch.randn(components, *input_shape))
@@ -184,7 +193,7 @@ class VampPrior(Prior):
 
     @property
     def components(self) -> int:
-        return self.pseudo_logits.shape[0]
+        return int(self.pseudo_logits.shape[0])
 
     def pseudo_inputs(self) -> torch.Tensor:
         """The K pseudo-inputs as images in [0, 1], (K, C, H, W)."""

@@ -29,12 +29,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import __version__, checkpoint
-from model.data import DATASETS, binarize, default_data_root, fixed_binarized, load_dataset, to_float
+from model.data import DATASETS, default_data_root, fixed_binarized, load_dataset, to_float
 from model.device import resolve_device
 from model.distributed import DistributedContext
 from model.losses import training_loss
 from model.metrics import dataset_elbo, full_metrics, latent_statistics, posterior_means
-from model.preprocess import input_spec
+from model.preprocess import binarize, input_spec
 from model.report import METRICS_CSV, plot_loss_curve, write_figures, write_metrics_csv
 from model.vae import ACTIVATIONS, BODIES, KINDS, LIKELIHOODS, PRIORS, UPSAMPLES, VAE, VAEConfig
 
@@ -306,7 +306,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict[str, An
         p.set_defaults(**PRESETS[first.preset])  # explicit flags still win
     a = p.parse_args(argv)
 
-    dataset_shape = DATASETS[a.dataset].input_shape if a.dataset in DATASETS else None
     if a.dataset == "folder":
         if not a.image_dir or not a.image_size or not a.channels:
             p.error("--dataset folder needs --image-dir, --image-size HxW and --channels")
@@ -315,6 +314,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict[str, An
         except ValueError:
             p.error(f"--image-size must look like 64x64, got {a.image_size!r}")
         dataset_shape = (a.channels, h, w)
+    else:
+        dataset_shape = DATASETS[a.dataset].input_shape
     likelihood = a.likelihood or (DATASETS[a.dataset].likelihood if a.dataset in DATASETS else "gaussian")
     try:
         vae_config = VAEConfig(
@@ -498,7 +499,7 @@ def train_epoch(
     perm = torch.randperm(len(run.train_x), generator=gens["order"])
     shard = perm[dist.rank : len(perm) - len(perm) % dist.world_size : dist.world_size]
     sums = torch.zeros(3, dtype=torch.float64)
-    batches: Iterable[torch.Tensor] = shard.split(local_bs)
+    batches: Iterable[torch.Tensor] = torch.split(shard, local_bs)
     if cfg.progress and dist.is_main:
         from tqdm import tqdm
 
@@ -513,7 +514,7 @@ def train_epoch(
         fwd = net(x, generator=gens["noise"], samples=cfg.iwae_k)
         loss, terms = training_loss(model, x, fwd, beta)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.autograd.backward(loss)
         optimizer.step()
         state.step += 1
         with torch.no_grad():

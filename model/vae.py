@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from itertools import pairwise
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -92,11 +93,11 @@ class VAEConfig:
         c, h, w = self.input_shape
         return c * h * w
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> VAEConfig:
+    def from_dict(cls, d: dict[str, Any]) -> VAEConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -111,7 +112,7 @@ class VAEOutput:
     z: torch.Tensor  # (B, latent_dim) the sample the decoder saw; (S, B, latent_dim) with S samples per example
     # Decoder output (B, P*C, H, W), or (S, B, P*C, H, W): P=1 logits (Bernoulli), P=2 mean-logit+logvar (Gaussian).
     params: torch.Tensor
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _mlp(dims: list[int], act: type[nn.Module]) -> nn.Sequential:
@@ -156,14 +157,15 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, act: type[nn.Module]):
         super().__init__()
-        self.body = nn.Sequential(
-            act(), nn.Conv2d(channels, channels, 3, padding=1), act(), nn.Conv2d(channels, channels, 3, padding=1)
-        )
-        nn.init.zeros_(self.body[-1].weight)
-        nn.init.zeros_(self.body[-1].bias)
+        last = nn.Conv2d(channels, channels, 3, padding=1)
+        assert last.bias is not None  # Conv2d has a bias unless asked not to
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.body = nn.Sequential(act(), nn.Conv2d(channels, channels, 3, padding=1), act(), last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
+        residual: torch.Tensor = self.body(x)
+        return x + residual
 
 
 class Encoder(nn.Module):
@@ -172,6 +174,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         act = ACTIVATIONS[cfg.activation]
+        self.features: nn.Module
         if cfg.encoder == "conv":
             shapes = conv_shapes(cfg.input_shape, cfg.conv_channels)
             convs: list[nn.Module] = []
@@ -188,8 +191,8 @@ class Encoder(nn.Module):
         self.head = nn.Linear(cfg.hidden_dims[-1] if cfg.hidden_dims else feat, 2 * cfg.latent_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.body(self.features(x))
-        mu, logvar = self.head(h).chunk(2, dim=-1)
+        h: torch.Tensor = self.head(self.body(self.features(x)))  # (B, 2 * latent_dim)
+        mu, logvar = h.chunk(2, dim=-1)
         return mu, logvar
 
 
@@ -227,7 +230,8 @@ class Decoder(nn.Module):
             self.head = nn.Sequential(nn.Linear(width, out_c * h_img * w_img), nn.Unflatten(1, (out_c, h_img, w_img)))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(z))
+        params: torch.Tensor = self.head(self.body(z))
+        return params
 
 
 def build_prior(cfg: VAEConfig, encoder: Encoder) -> Prior:
@@ -259,7 +263,8 @@ class VAE(nn.Module):
     # -- the model's verbs -------------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, C, H, W) in [0, 1] -> posterior mean and log-variance, each (B, latent_dim)."""
-        return self.encoder(x)
+        posterior: tuple[torch.Tensor, torch.Tensor] = self.encoder(x)
+        return posterior
 
     def reparameterize(
         self,
@@ -287,7 +292,7 @@ class VAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (..., latent_dim) -> decoder parameters (..., P*C, H, W)."""
         lead = z.shape[:-1]
-        params = self.decoder(z.reshape(-1, z.shape[-1]))
+        params: torch.Tensor = self.decoder(z.reshape(-1, z.shape[-1]))
         return params.reshape(*lead, *params.shape[1:])
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, samples: int = 1) -> VAEOutput:
@@ -301,7 +306,7 @@ class VAE(nn.Module):
         if self.config.likelihood == "bernoulli":
             return params, None
         c = self.config.input_shape[0]
-        mean_logit, raw_logvar = params.split(c, dim=-3)
+        mean_logit, raw_logvar = torch.split(params, c, dim=-3)
         floor = self.config.gaussian_min_logvar
         return mean_logit, floor + F.softplus(raw_logvar - floor)
 
