@@ -217,8 +217,20 @@ def test_missing_train_extra_is_one_line(monkeypatch, capsys):
 
 def test_learned_prior_on_a_training_subset_without_the_nll(tmp_path, capsys):
     """--train-limit for a quick try, --eval-k 0 for no likelihood estimate, and a VampPrior through the CLI."""
-    out = make_tiny_checkpoint(tmp_path, "vamp", "--prior", "vamp", "--vamp-components", "3", "--train-limit", "20",
-                               "--eval-k", "0", "--epochs", "1")  # fmt: skip
+    out = make_tiny_checkpoint(
+        tmp_path,
+        "vamp",
+        "--prior",
+        "vamp",
+        "--vamp-components",
+        "3",
+        "--train-limit",
+        "20",
+        "--eval-k",
+        "0",
+        "--epochs",
+        "1",
+    )
     model, card = checkpoint.load(out)
     assert card["config"]["prior"] == "vamp" and card["dataset"]["train_images"] == 20
     assert "test_nll" not in card["metrics"] and "evaluated_s" in card["metrics"]
