@@ -8,10 +8,8 @@ from typing import TypeVar
 
 import torch
 
-from model.priors import LOG_2PI, log_normal
+from model.priors import log_normal as log_normal  # the Gaussian density the KL and the weights use
 from model.vae import VAE, VAEOutput, randn
-
-__all__ = ["LOG_2PI", "kl_divergence", "kl_term", "log_normal", "elbo", "iwae_bound", "iwae_log_likelihood"]
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.priors import LOG_2PI, FlowPrior, Prior, StandardNormalPrior, VampPrior, randn
-
-__all__ = ["LOG_2PI", "VAE", "VAEConfig", "VAEOutput", "randn"]
+from model.priors import LOG_2PI, FlowPrior, Prior, StandardNormalPrior, VampPrior
+from model.priors import randn as randn  # re-exported: the service draws each request's noise with it
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "silu": nn.SiLU, "softplus": nn.Softplus}
 LIKELIHOODS = ("bernoulli", "gaussian")
