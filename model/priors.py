@@ -9,9 +9,12 @@ batch at once:
     z = prior.transform(noise, temperature)    # (n, latent_dim): deterministic, batched
     log_p = prior.log_prob(z)                  # (...,) for z (..., latent_dim)
 
-Temperature scales the Gaussian noise that feeds the prior: 1 draws exactly from p(z), 0 gives the prior's
-"centre" (the standard normal's mean, the flow's image of the base mean, the chosen VampPrior component's mean),
-values in between trade diversity for typicality (Kingma & Dhariwal 2018, Sec. 5).
+A row's result depends only on its own noise and temperature, so rows from different requests can share one
+transform; temperature is a float or one value per row ((n,) tensor).
+
+Temperature scales the Gaussian noise that feeds the prior: 1 draws exactly from p(z), 0 gives the prior's "centre"
+(the standard normal's mean, the flow's image of the base mean, the chosen VampPrior component's mean), values in
+between trade diversity for typicality (Kingma & Dhariwal 2018, Sec. 5).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from torch import nn
 
 LOG_2PI = math.log(2 * math.pi)
+Temperature = float | torch.Tensor  # one value, or one per row of the noise: (n,)
 # The coupling layers' log-scales are squashed into (-SCALE_CLAMP, SCALE_CLAMP): a factor of at most e^3 per layer
 # keeps early training stable without limiting what a stack of layers can express.
 SCALE_CLAMP = 3.0
@@ -43,6 +47,14 @@ def log_normal(z: torch.Tensor, mu: torch.Tensor | None = None, logvar: torch.Te
     return -0.5 * (LOG_2PI + logvar + (z - mu).pow(2) * torch.exp(-logvar)).sum(-1)
 
 
+def per_row(temperature: Temperature, noise: torch.Tensor) -> Temperature:
+    """A temperature that broadcasts against noise (..., noise_dim): a float as it is, a (...,) tensor with a trailing
+    axis added, on the noise's device and dtype."""
+    if isinstance(temperature, torch.Tensor):
+        return temperature.to(noise.device, noise.dtype).unsqueeze(-1)
+    return temperature
+
+
 class Prior(nn.Module):
     """The interface every prior implements; see the module docstring for the contract."""
 
@@ -59,7 +71,7 @@ class Prior(nn.Module):
         ref = like if like is not None else torch.empty(0)
         return randn((n, self.noise_dim), generator, like=ref)
 
-    def transform(self, noise: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    def transform(self, noise: torch.Tensor, temperature: Temperature = 1.0) -> torch.Tensor:
         """Noise (..., noise_dim) -> latent codes (..., latent_dim), deterministically."""
         raise NotImplementedError
 
@@ -67,7 +79,7 @@ class Prior(nn.Module):
         """log p(z) for z (..., latent_dim) -> (...,)."""
         raise NotImplementedError
 
-    def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, n: int, temperature: Temperature = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
         """n codes (n, latent_dim): noise then transform, on the prior's device."""
         like = next(iter(self.buffers()), None)
         like = like if like is not None else next(iter(self.parameters()), torch.empty(0))
@@ -88,8 +100,8 @@ class StandardNormalPrior(Prior):
     def __init__(self, latent_dim: int):
         super().__init__(latent_dim, latent_dim)
 
-    def transform(self, noise: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        return noise * temperature
+    def transform(self, noise: torch.Tensor, temperature: Temperature = 1.0) -> torch.Tensor:
+        return noise * per_row(temperature, noise)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         return log_normal(z)
@@ -148,8 +160,8 @@ class FlowPrior(Prior):
     def couplings(self) -> list[AffineCoupling]:
         return [cast(AffineCoupling, layer) for layer in self.layers]
 
-    def transform(self, noise: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        z = noise * temperature
+    def transform(self, noise: torch.Tensor, temperature: Temperature = 1.0) -> torch.Tensor:
+        z = noise * per_row(temperature, noise)
         for layer in reversed(self.couplings()):
             z = layer.inverse(z)
         return z
@@ -213,11 +225,11 @@ class VampPrior(Prior):
         finally:
             self._cache = None
 
-    def transform(self, noise: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    def transform(self, noise: torch.Tensor, temperature: Temperature = 1.0) -> torch.Tensor:
         mu, logvar = self.component_params()  # (K, D)
         u = torch.special.ndtr(noise[..., 0])  # uniform in [0, 1)
         k = (u * self.components).long().clamp_(0, self.components - 1)
-        return mu[k] + temperature * torch.exp(0.5 * logvar[k]) * noise[..., 1:]
+        return mu[k] + per_row(temperature, noise) * torch.exp(0.5 * logvar[k]) * noise[..., 1:]
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         mu, logvar = self.component_params()  # (K, D)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.priors import LOG_2PI, FlowPrior, Prior, StandardNormalPrior, VampPrior
+from model.priors import LOG_2PI, FlowPrior, Prior, StandardNormalPrior, Temperature, VampPrior
 from model.priors import randn as randn  # re-exported: the service draws each request's noise with it
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "silu": nn.SiLU, "softplus": nn.Softplus}
@@ -326,7 +326,7 @@ class VAE(nn.Module):
         return (-0.5 * (LOG_2PI + logvar + (x - mean) ** 2 * torch.exp(-logvar))).flatten(-3).sum(-1)
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, n: int, temperature: Temperature = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
         """n images (n, C, H, W) in [0, 1] decoded from prior codes: noise from `generator`, then the prior's
         transform at `temperature` (for the standard prior z ~ N(0, temperature^2 I); see model/priors.py)."""
         noise = self.prior.noise(n, generator, like=next(self.parameters()))

@@ -117,6 +117,18 @@ def test_sampling_is_seeded_deterministic_and_the_same_batched_or_alone(prior):
         assert torch.equal(images, expected)
 
 
+@pytest.mark.parametrize("prior", ["standard", "flow", "vamp"])
+def test_one_temperature_per_row_equals_each_row_alone(prior):
+    """Requests with different temperatures can share one transform."""
+    p = tiny_model(prior).prior
+    noise = p.noise(4, torch.Generator().manual_seed(0))
+    temps = torch.tensor([0.0, 0.5, 1.0, 1.5])
+    with torch.no_grad():
+        together = p.transform(noise, temps)
+        alone = torch.cat([p.transform(noise[i : i + 1], float(temps[i])) for i in range(4)])
+    assert torch.allclose(together, alone, atol=1e-6)
+
+
 def test_temperature_zero_gives_each_prior_its_centre():
     flow, vamp = tiny_model("flow"), tiny_model("vamp")
     with torch.no_grad():
