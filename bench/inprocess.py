@@ -1,6 +1,7 @@
 """The in-process limit: what the served model does without HTTP. Images/s of encode, decode and reconstruct at
 batch 1, 8, 64 and 256 through the server's own predictor (service.predictor.VAEPredictor.predict, the call its
-worker thread makes), the cost per image of splitting a multipart body (service.multipart.parse), of turning a PNG
+worker thread makes), of a prior sample through the model's prior API (noise -> z -> image, model.priors), the cost
+per image of splitting a multipart body (service.multipart.parse), of turning a PNG
 upload into the model's input (the server's path, service.routes.payloads.inline_input: libspng for a PNG at the
 model's size, else Pillow; then stack_images), of writing encode's JSON answer (service.routes.vae.encode_response)
 and of turning an output into a base64 PNG, and the bulk pipeline (256 PNGs decoded, then one forward pass): the
@@ -89,6 +90,15 @@ def forward_inputs(p: VAEPredictor, op: str, n: int) -> dict[str, torch.Tensor]:
     return {"x": x}
 
 
+def prior_sample(p: VAEPredictor, n: int) -> torch.Tensor:
+    """n prior samples through the model's own API (model.priors): seeded noise, the prior's transform (the inverse
+    flow of a flow prior), then the decoder's mean image."""
+    model = p.model
+    noise = model.prior.noise(n, torch.Generator().manual_seed(0)).to(p.device, p.dtype)
+    with torch.inference_mode():
+        return model.mean_image(model.decode(model.prior.transform(noise, 1.0)))
+
+
 def upload_tensor(p: VAEPredictor, uploads: list[bytes], max_pixels: int = 4096 * 4096) -> torch.Tensor:
     """The server's own path for uploaded files that are converted on the event loop (routes/payloads.image_inputs)."""
     return p.stack_images([payloads.inline_input(p, data, max_pixels, "image") for data in uploads])
@@ -106,6 +116,8 @@ def measure(p: VAEPredictor, png: bytes, seconds: float, rounds: int, max_calls:
         for n in batches:
             inputs = forward_inputs(p, op, n)
             rows.append(timed(f"{op} forward", n, lambda op=op, inputs=inputs: p.predict(op, inputs)))
+    for n in batches:
+        rows.append(timed("sample: prior noise -> z -> image", n, lambda n=n: prior_sample(p, n)))
     for n in (1, max(batches)):
         content_type, body = loadgen.multipart_body([png] * n)
         rows.append(timed("multipart body -> parts", n,

@@ -61,7 +61,8 @@ def test_inprocess_table_on_the_tiny_checkpoint(tiny_checkpoint: Path, capsys: p
     out = capsys.readouterr().out
     for row in ("| encode forward | 4 |", "| decode forward | 1 |", "| reconstruct forward | 4 |",
                 "| multipart body -> parts | 4 |", "| PNG upload -> input tensor | 4 |",
-                "| encode output -> JSON answer | 1 |", "| output -> base64 PNG | 1 |", "| bulk encode"):  # fmt: skip
+                "| encode output -> JSON answer | 1 |", "| output -> base64 PNG | 1 |", "| bulk encode",
+                "| sample: prior noise -> z -> image | 4 |"):  # fmt: skip
         assert row in out
 
 
