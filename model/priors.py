@@ -20,6 +20,7 @@ between trade diversity for typicality (Kingma & Dhariwal 2018, Sec. 5).
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import cast
@@ -183,6 +184,7 @@ class FlowPrior(Prior):
         return log_normal(u) + log_det
 
 
+_FROZEN_LOCK = threading.Lock()  # module-level: a lock inside the module would stop copy.deepcopy(model)
 Encode = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # images -> (mu, logvar)
 
 
@@ -201,7 +203,10 @@ class VampPrior(Prior):
         # The encoder belongs to the VAE; holding a plain callable (not a submodule) keeps its weights out of this
         # module's state_dict, where they would be stored twice.
         self._encode = encode
+        # Components encoded once inside `frozen` blocks; a count, because the evaluation's worker threads each
+        # enter one, and the first to leave must not drop the cache the others still use.
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._frozen = 0
 
     @property
     def components(self) -> int:
@@ -213,17 +218,22 @@ class VampPrior(Prior):
 
     def component_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Means and log-variances of the K components, each (K, latent_dim)."""
-        if self._cache is not None:
-            return self._cache
-        return self._encode(self.pseudo_inputs())
+        cache = self._cache
+        return cache if cache is not None else self._encode(self.pseudo_inputs())
 
     @contextmanager
     def frozen(self) -> Iterator[None]:
-        self._cache = self._encode(self.pseudo_inputs())
+        with _FROZEN_LOCK:
+            if self._frozen == 0:
+                self._cache = self._encode(self.pseudo_inputs())
+            self._frozen += 1
         try:
             yield
         finally:
-            self._cache = None
+            with _FROZEN_LOCK:
+                self._frozen -= 1
+                if self._frozen == 0:
+                    self._cache = None
 
     def transform(self, noise: torch.Tensor, temperature: Temperature = 1.0) -> torch.Tensor:
         mu, logvar = self.component_params()  # (K, D)

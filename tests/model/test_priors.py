@@ -143,6 +143,18 @@ def test_temperature_zero_gives_each_prior_its_centre():
         assert len(picked) > 1  # the component choice still varies at temperature 0
 
 
+def test_vamp_prior_reuses_its_components_inside_nested_frozen_blocks():
+    model = tiny_model("vamp")
+    prior = model.prior
+    assert isinstance(prior, VampPrior)
+    with torch.no_grad(), prior.frozen():
+        first = prior.component_params()
+        with prior.frozen():
+            assert prior.component_params() is first
+        assert prior.component_params() is first  # the inner block's exit keeps the outer block's cache
+    assert prior.component_params() is not first
+
+
 def test_vamp_prior_weights_are_not_stored_twice():
     model = tiny_model("vamp")
     keys = list(model.state_dict())
