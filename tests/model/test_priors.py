@@ -230,3 +230,15 @@ def test_residual_blocks_start_as_the_identity_and_keep_shapes():
     out = model(torch.rand(2, 1, 12, 12))
     assert out.params.shape == (2, 1, 12, 12)
     assert sum("body" in k for k in model.state_dict()) > 0
+
+
+def test_a_card_whose_prior_does_not_fit_the_weights_is_refused(tmp_path):
+    import json
+
+    checkpoint.save(tiny_model("standard"), {"name": "t"}, tmp_path / "ckpt")
+    card_path = tmp_path / "ckpt" / checkpoint.CARD_FILE
+    card = json.loads(card_path.read_text())
+    card["config"]["prior"] = "flow"
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(checkpoint.CheckpointError, match="does not fit the weights"):
+        checkpoint.load(tmp_path / "ckpt")
