@@ -1,6 +1,7 @@
 """The in-process limit: what the served model does without HTTP. Images/s of encode, decode and reconstruct at
 batch 1, 8, 64 and 256 through the server's own predictor (service.predictor.VAEPredictor.predict, the call its
-worker thread makes), the cost per image of splitting a multipart body (service.multipart.parse), of turning a PNG
+worker thread makes), of a prior sample (VAEPredictor.predict("sample"): the prior's noise -> z -> image, through
+model.priors), the cost per image of splitting a multipart body (service.multipart.parse), of turning a PNG
 upload into the model's input (the server's path, VAEPredictor.inline_image: libspng for a PNG at the model's size,
 else Pillow; then stack_images), of writing encode's JSON answer (VAEPredictor.encode_response, then
 service.rendering.json_response)
@@ -29,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench import loadgen  # noqa: E402
+from model.device import resolve_device  # noqa: E402
 from service import media, multipart  # noqa: E402
-from service.predictor import Job, VAEPredictor, resolve_device  # noqa: E402
+from service.predictor import Job, VAEPredictor  # noqa: E402
 from service.rendering import json_response, to_pil  # noqa: E402
 from service.schemas import Call, EncodeRequest  # noqa: E402
 
@@ -90,6 +92,13 @@ def forward_inputs(p: VAEPredictor, op: str, n: int) -> dict[str, torch.Tensor]:
     return {"x": x}
 
 
+def prior_sample(p: VAEPredictor, n: int) -> torch.Tensor:
+    """n prior samples as the server draws them: seeded noise from the model's prior (model.priors), then one
+    forward of the predictor's sample op (the prior's transform, e.g. a flow's inverse, and the decoder's mean)."""
+    noise = p.prior_noise(n, torch.Generator().manual_seed(0))
+    return p.predict("sample", {"eps": noise, "temperature": torch.ones(n)})["image"]
+
+
 def upload_tensor(p: VAEPredictor, uploads: list[bytes]) -> torch.Tensor:
     """The server's own path for uploaded files that are converted on the event loop (VAEPredictor.images)."""
     return p.stack_images([p.inline_image(data, "image") for data in uploads])  # type: ignore[misc]
@@ -113,6 +122,8 @@ def measure(
         for n in batches:
             inputs = forward_inputs(p, op, n)
             rows.append(timed(f"{op} forward", n, lambda op=op, inputs=inputs: p.predict(op, inputs)))
+    for n in batches:
+        rows.append(timed("sample: prior noise -> z -> image", n, lambda n=n: prior_sample(p, n)))
     for n in (1, max(batches)):
         content_type, body = loadgen.multipart_body([png] * n)
         rows.append(

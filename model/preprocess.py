@@ -3,6 +3,8 @@ exactly the way training did. Pure PIL + torch."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from PIL import Image
@@ -16,7 +18,7 @@ def color_mode(channels: int) -> str:
     return MODES[channels]
 
 
-def input_spec(input_shape: tuple[int, int, int], binarized: bool) -> dict:
+def input_spec(input_shape: tuple[int, int, int], binarized: bool) -> dict[str, Any]:
     """The card's description of what the model expects, written by training and read by the service."""
     c, h, w = input_shape
     return {

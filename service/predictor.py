@@ -97,19 +97,6 @@ def is_out_of_memory(error: BaseException) -> bool:
     )
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when present, else CPU; 'cuda:N' is checked against the devices present."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} was requested but CUDA is not available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} does not exist ({torch.cuda.device_count()} CUDA device(s))")
-    return device
-
-
 class VAEPredictor:
     """A checkpoint loaded for inference.
 
@@ -159,7 +146,7 @@ class VAEPredictor:
         x = torch.full((2, c, h, w), 0.5)
         self.predict("encode", {"x": x})
         self.predict("decode", {"z": torch.zeros(2, self.config.latent_dim)})
-        self.predict("sample", {"eps": torch.zeros(2, self.config.latent_dim), "temperature": torch.ones(2)})
+        self.predict("sample", {"eps": torch.zeros(2, self.model.prior.noise_dim), "temperature": torch.ones(2)})
         self.predict("reconstruct", {"x": x, "eps": torch.zeros(2, self.config.latent_dim)})
 
     # -- facts -----------------------------------------------------------------------------------------------------
@@ -173,7 +160,7 @@ class VAEPredictor:
 
     @property
     def is_vae(self) -> bool:
-        return self.config.kind == "vae"
+        return self.model.stochastic
 
     @property
     def bernoulli(self) -> bool:
@@ -226,7 +213,7 @@ class VAEPredictor:
             return Job("decode", {"z": self.latents_tensor(params.latents)})
         if isinstance(params, SampleRequest):
             seed = params.seed if params.seed is not None else fresh_seed()
-            eps = self.noise(params.n, generator(seed))
+            eps = self.prior_noise(params.n, generator(seed))
             # Through float64: a temperature past float32's range becomes inf, refused once decoded, not an error here.
             temperature = torch.full((params.n,), params.temperature, dtype=torch.float64).float()
             return Job("sample", {"eps": eps, "temperature": temperature}, seed=seed)
@@ -390,16 +377,23 @@ class VAEPredictor:
         return z
 
     def noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """(n, latent_dim) N(0, I) noise from the request's own generator, drawn before batching (model.vae.randn),
-        so a request's result never depends on what it was batched with."""
+        """(n, latent_dim) N(0, I) noise for posterior samples (z = mu + sigma * eps), from the request's own
+        generator, drawn before batching (model.vae.randn), so a request's result never depends on what it was
+        batched with."""
         return randn((n, self.latent_dim), generator, like=torch.empty(0))
+
+    def prior_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """(n, noise_dim) noise for prior samples, drawn before batching like `noise`; the prior's transform turns
+        it into codes in the batched forward (model/priors.py: for a VampPrior noise_dim is latent_dim + 1)."""
+        return self.model.prior.noise(n, generator)
 
     def manifold_codes(self, steps: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """The steps x steps grid of codes (row-major) for /v1/manifold and how it was made.
 
-        2-D VAEs: the prior's plane. Otherwise: the plane of the two leading principal directions of the training
-        codes recorded in the card (raises UnsupportedForModel when the card has none)."""
-        if self.latent_dim == 2 and self.is_vae:
+        2-D VAEs with the standard normal prior: the prior's plane. Otherwise (a learned prior's density is not
+        centred on that plane either): the plane of the two leading principal directions of the training codes
+        recorded in the card (raises UnsupportedForModel when the card has none)."""
+        if self.latent_dim == 2 and self.is_vae and self.config.prior == "standard":
             center, directions, stddevs = torch.zeros(2), torch.eye(2), torch.ones(2)
             basis = "prior"
         else:
@@ -459,7 +453,7 @@ class VAEPredictor:
             elif op == "decode":
                 out = {"image": self._images(t["z"])}
             elif op == "sample":
-                z = t["eps"] * t["temperature"][:, None]
+                z = self.model.prior.transform(t["eps"], t["temperature"])  # each row its own temperature
                 out = {"z": z, "image": self._images(z)}
             elif op == "reconstruct":
                 out = self._reconstruct(t["x"], t["eps"])
@@ -478,21 +472,17 @@ class VAEPredictor:
     def _images(self, z: torch.Tensor) -> torch.Tensor:
         return self.model.mean_image(self.model.decode(z))
 
-    def _reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        # VAE.reparameterize with pre-drawn noise (see `noise`); the plain autoencoder's code is its mean.
-        return mu if not self.is_vae else mu + torch.exp(0.5 * logvar) * eps
-
     def _encode(self, x: torch.Tensor, eps: torch.Tensor | None) -> Tensors:
         mu, logvar = self.model.encode(x)
         out = {"mu": mu, "logvar": logvar}
         if eps is not None:
-            out["z"] = self._reparameterize(mu, logvar, eps)
+            out["z"] = self.model.reparameterize(mu, logvar, eps)
         return out
 
     def _reconstruct(self, x: torch.Tensor, eps: torch.Tensor) -> Tensors:
         """Reconstruction from the posterior mean (deterministic) and the one-sample ELBO terms."""
         mu, logvar = self.model.encode(x)
-        z = self._reparameterize(mu, logvar, eps)
+        z = self.model.reparameterize(mu, logvar, eps)
         params = self.model.decode(torch.cat([z, mu]))
         sampled, at_mean = torch.split(params, len(x))
         terms = losses.elbo_from_output(self.model, x, VAEOutput(mu=mu, logvar=logvar, z=z, params=sampled))

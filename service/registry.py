@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 from model import checkpoint
+from model.device import resolve_device
 from service.batching import BatchObserver, MicroBatcher
 from service.errors import ModelNotFound, ModelNotReady, StartupError
-from service.predictor import MERGEABLE_OPS, VAEPredictor, resolve_device
+from service.predictor import MERGEABLE_OPS, VAEPredictor
 from service.settings import Settings
 
 logger = logging.getLogger("vae_serve")

@@ -79,6 +79,7 @@ def test_inprocess_table_on_the_tiny_checkpoint(tiny_checkpoint: Path, capsys: p
         "| encode forward | 4 |",
         "| decode forward | 1 |",
         "| reconstruct forward | 4 |",
+        "| sample: prior noise -> z -> image | 4 |",
         "| multipart body -> parts | 4 |",
         "| PNG upload -> input tensor | 4 |",
         "| encode output -> JSON answer | 1 |",

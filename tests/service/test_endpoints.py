@@ -76,7 +76,7 @@ async def test_encode_sample_is_seeded_and_matches_reparameterize(client, tiny_m
     )
     assert first == again and first["seed"] == 123
     mu, logvar = tiny_model.encode(as_tensor(images))
-    z = tiny_model.reparameterize(mu, logvar, torch.Generator().manual_seed(123))
+    z = tiny_model.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(123))
     close([res["z"] for res in first["results"]], z)
     other = (await client.post("/v1/encode", json={**body, "seed": 124})).json()
     assert other["results"][0]["z"] != first["results"][0]["z"]
@@ -89,7 +89,9 @@ async def test_encode_multipart_form_fields(client, tiny_model) -> None:
     r = await client.post("/v1/encode", files=files(png(image)), data={"sample": "true", "seed": "7", "model": "tiny"})
     assert r.status_code == 200, r.text
     mu, logvar = tiny_model.encode(as_tensor([image]))
-    close([r.json()["results"][0]["z"]], tiny_model.reparameterize(mu, logvar, torch.Generator().manual_seed(7)))
+    close(
+        [r.json()["results"][0]["z"]], tiny_model.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(7))
+    )
 
 
 # -- decode ---------------------------------------------------------------------------------------------------------
