@@ -12,6 +12,7 @@ def test_model_package_imports_without_any_web_dependency():
         "for name in ('fastapi', 'pydantic', 'starlette', 'uvicorn', 'service'): sys.modules[name] = None\n"
         "import model.vae, model.losses, model.checkpoint, model.data, model.train, model.evaluate, model.metrics\n"
         "import model.latent, model.preprocess, model.report, model.download, model.distributed\n"
+        "import model.anomaly, model.calibrate\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
