@@ -1,24 +1,27 @@
 """Out-of-distribution detection, before and after model.anomaly: for each checkpoint, AUROC and FPR at 95 % TPR of
-the raw score (lower log-likelihood = more anomalous) and of the calibrated OOD score, for its own test images
-against each other set, and the share of each set that `is_anomaly` flags at a false-positive rate of 5 %; then the
-cost of the OOD score beside /v1/score's own computation.
+the raw score (lower log-likelihood = more anomalous), AUROC of Serra et al.'s complexity-corrected score S
+(-log2 p(x) minus the input's zlib length in bits) and AUROC and FPR of the calibrated OOD score, for its own test
+images against each other set, and the share of each set that `is_anomaly` flags at a false-positive rate of 5 %;
+then the cost of the OOD score beside /v1/score's own computation.
 
     python bench/anomaly.py checkpoints/fashion-mnist checkpoints/mnist          # ../shared/data or $VAE_DATA_ROOT
     python bench/anomaly.py checkpoints/frey-face --n 120 --k 100 --seed 0
     python bench/anomaly.py checkpoints/mnist --calibration fresh     # refit in memory, ignore the stored one
 
-Sets (--n images each, picked with fixed seeds): the checkpoint's own test split (in-distribution), MNIST and
-Fashion-MNIST test images, Frey faces, uniform noise (every pixel uniform in [0, 1]) and constant images (one
-uniform grey level each), all converted to the model's input as an upload is (bilinear resize: Frey's 28x20 faces
-become 28x28). Every set is scored as /v1/score scores a request (model.calibrate.dataset_statistics: binarised for
-Bernoulli models, k importance samples, one generator seeded with --seed). The calibration is the checkpoint's own
-(model.calibrate, fitted on its validation split), or, without one or with --calibration fresh, fitted here on that
-split. Deterministic apart from the cost table. Prints two tables.
+Sets (--n images each, picked with fixed seeds): the checkpoint's own test split (in-distribution); MNIST digits,
+Fashion-MNIST items and Frey faces from all their images, train and test (the model never saw any of them);
+uniform noise (every pixel uniform in [0, 1]) and constant images (one uniform grey level each). All are converted
+to the model's input as an upload is (bilinear resize: Frey's 28x20 faces become 28x28) and scored as /v1/score
+scores a request (model.calibrate.dataset_statistics: binarised for Bernoulli models, k importance samples, one
+generator seeded with --seed). The calibration is the checkpoint's own (model.calibrate, fitted on its validation
+split) or, without one or with --calibration fresh, fitted here on that split. Deterministic apart from the cost
+table. Prints two tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -102,10 +105,11 @@ def detection_rows(path: Path, args: argparse.Namespace) -> tuple[list[list[obje
     if reason:
         return [], f"{card.get('name', path.name)}: {reason}"
     calibration, origin = calibration_for(path, model, card, args.data_root, args.k, args.calibration)
-    raw, ood, flagged = {}, {}, {}
+    raw, serra, ood, flagged = {}, {}, {}, {}
     for name, x in evaluation_sets(card, args.data_root, args.n, args.seed).items():
         stats = dataset_statistics(model, x, k=args.k, seed=args.seed)
         raw[name] = -stats["log_likelihood"].double()
+        serra[name] = raw[name] / math.log(2) - stats["complexity_bits"].double()  # Serra et al.'s S, in bits
         verdict = calibration.assess(stats, FLAG_FPR)
         ood[name], flagged[name] = verdict["ood_score"], verdict["is_anomaly"].double().mean().item()
     rows = []
@@ -113,7 +117,8 @@ def detection_rows(path: Path, args: argparse.Namespace) -> tuple[list[list[obje
         if name == "in":
             continue
         rows.append([card["name"], LABELS[name],
-                     f"{auroc(raw['in'], raw[name]):.3f}", f"{auroc(ood['in'], ood[name]):.3f}",
+                     f"{auroc(raw['in'], raw[name]):.3f}", f"{auroc(serra['in'], serra[name]):.3f}",
+                     f"{auroc(ood['in'], ood[name]):.3f}",
                      f"{fpr_at_tpr(raw['in'], raw[name]):.3f}", f"{fpr_at_tpr(ood['in'], ood[name]):.3f}",
                      f"{flagged[name]:.3f}"])  # fmt: skip
     note = f"{card['name']}: calibration {origin}; in-distribution test images flagged at fpr {FLAG_FPR}: "
@@ -185,8 +190,9 @@ def main(argv: list[str] | None = None) -> None:
         notes.append(note)
     print(f"\n{args.n} images per set, k={args.k}, seed {args.seed}, torch threads {args.threads}; "
           f"{loadgen.machine()}\n")  # fmt: skip
-    headers = ["model", "OOD set", "AUROC raw", "AUROC ood", "FPR@95 raw", "FPR@95 ood", f"flagged @{FLAG_FPR}"]
-    print(loadgen.table(headers, rows, "ll" + "r" * 5))
+    headers = ["model", "OOD set", "AUROC raw", "AUROC S", "AUROC ood", "FPR@95 raw", "FPR@95 ood",
+               f"flagged @{FLAG_FPR}"]  # fmt: skip
+    print(loadgen.table(headers, rows, "ll" + "r" * 6))
     print("\n" + "\n".join(notes))
     if not args.no_cost:
         cost = [row for path in args.checkpoints for row in cost_rows(path, args)]
