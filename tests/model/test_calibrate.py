@@ -10,6 +10,7 @@ from conftest import write_synthetic_images
 from model import anomaly, checkpoint
 from model.calibrate import calibrate, dataset_statistics, held_out_images, main
 from model.train import main as train_main
+from model.vae import VAE, VAEConfig
 
 
 @pytest.fixture(autouse=True)
@@ -27,8 +28,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     images = write_synthetic_images(root / "images", n=300)
     train_main(["--dataset", "folder", "--image-dir", str(images), "--image-size", "8x8", "--channels", "1",
                 "--hidden", "16", "--latent-dim", "2", "--likelihood", "bernoulli", "--epochs", "1",
-                "--batch-size", "32", "--eval-k", "2", "--seed", "0", "--no-progress", "--name", "tiny",
-                "--out", str(root / "tiny")])  # fmt: skip
+                "--batch-size", "32", "--eval-k", "2", "--seed", "0", "--threads", "1", "--no-progress",
+                "--name", "tiny", "--out", str(root / "tiny")])  # fmt: skip
     return root / "tiny"
 
 
@@ -93,3 +94,16 @@ def test_too_small_a_validation_split_is_a_clear_cli_error(tiny_checkpoint: Path
     with pytest.raises(SystemExit) as exc:
         main([str(tiny_checkpoint), "--k", "2"])
     assert exc.value.code == 2 and f"at least {anomaly.MIN_IMAGES} held-out images" in capsys.readouterr().err
+
+
+def test_a_gaussian_decoder_model_is_calibrated_on_its_continuous_inputs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(input_shape=(3, 8, 8), latent_dim=3, hidden_dims=(16,), likelihood="gaussian")).eval()
+    checkpoint.save(model, {"name": "rgb"}, tmp_path)
+    x = torch.rand(30, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert calibrate(model, x, tmp_path, k=3, log=lambda _: None) is not None
+    cal = anomaly.load_calibration(tmp_path)
+    assert cal is not None and not cal.binarized
+    stats = dataset_statistics(model, torch.cat([x[:5], torch.zeros(5, 3, 8, 8)]), k=3, seed=1)
+    verdict = cal.assess(stats, 0.1)
+    assert verdict["p_value"].shape == (10,) and torch.isfinite(verdict["ood_score"]).all()
