@@ -62,6 +62,14 @@ def dataset_statistics(
     return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
 
+def skip_reason(model: VAE, n_images: int) -> str | None:
+    """Why `calibrate` would store nothing for this model and this many held-out images, or None."""
+    reason = anomaly.unsupported_reason(model.config)
+    if reason is None and n_images < anomaly.MIN_IMAGES:
+        reason = f"calibration needs at least {anomaly.MIN_IMAGES} held-out images, got {n_images}"
+    return reason
+
+
 def calibrate(
     model: VAE,
     x: torch.Tensor,
@@ -74,8 +82,9 @@ def calibrate(
 ) -> dict | None:
     """Score held-out in-distribution images x (grey or already binarised), fit the OOD density, and store it in
     the checkpoint at `directory` (whose weights `model` must be). Returns the card's new `calibration` section,
-    or None for a model that has no OOD score (a plain autoencoder), after logging why."""
-    reason = anomaly.unsupported_reason(model.config)
+    or None, after logging why, for a model that has no OOD score (a plain autoencoder) or too few images: training
+    calls this at its end and must not fail for it."""
+    reason = skip_reason(model, len(x))
     if reason:
         log(f"no calibration: {reason}")
         return None
@@ -115,12 +124,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(a.threads)
     try:
         model, card = checkpoint.load(a.checkpoint, a.device)
-        reason = anomaly.unsupported_reason(model.config)
-        if reason:
+        if reason := anomaly.unsupported_reason(model.config):
             raise ValueError(reason)
         x = held_out_images(card, a.data_root, a.image_dir)
         if a.limit is not None:
             x = x[: a.limit]
+        if reason := skip_reason(model, len(x)):
+            raise ValueError(f"{reason} (train with a larger --val-size)")
         data = f"validation split of {card['dataset']['name']} ({len(x)} images{', --limit' if a.limit else ''})"
         calibrate(model, x, a.checkpoint, k=a.k, seed=a.seed, data=data)
     except (checkpoint.CheckpointError, FileNotFoundError, ValueError, KeyError) as e:

@@ -90,10 +90,16 @@ def test_an_autoencoder_is_not_calibrated_and_the_cli_says_why(tiny_ae_checkpoin
     assert anomaly.load_calibration(tiny_ae_checkpoint) is None
 
 
-def test_too_small_a_validation_split_is_a_clear_cli_error(tiny_checkpoint: Path, capsys) -> None:
+def test_too_small_a_validation_split_is_skipped_by_training_and_a_clear_cli_error(tiny_checkpoint: Path,
+                                                                                    capsys) -> None:  # fmt: skip
+    model, _ = checkpoint.load(tiny_checkpoint)
+    lines: list[str] = []
+    assert calibrate(model, torch.rand(5, 1, 8, 8), tiny_checkpoint, log=lines.append) is None
+    assert f"at least {anomaly.MIN_IMAGES} held-out images, got 5" in lines[0]
     with pytest.raises(SystemExit) as exc:
         main([str(tiny_checkpoint), "--k", "2"])
     assert exc.value.code == 2 and f"at least {anomaly.MIN_IMAGES} held-out images" in capsys.readouterr().err
+    assert anomaly.load_calibration(tiny_checkpoint) is None
 
 
 def test_a_gaussian_decoder_model_is_calibrated_on_its_continuous_inputs(tmp_path: Path) -> None:
