@@ -11,8 +11,10 @@ log-density under it. A digit is then anomalous for the Fashion-MNIST model not 
 likelihood far too high for its complexity, and noise for both being far out.
 
 The p-value is conformal: the fraction of held-out in-distribution scores at or above this one, with the +1
-correction, so P(p <= a) <= a for an in-distribution image and `p <= fpr` flags at most that false-positive rate.
-The held-out scores come from K-fold cross-fitting, so every held-out image is scored by a density that did not see it.
+correction, so P(p <= a) <= a for an in-distribution image and `p <= fpr` keeps to that false-positive rate. The
+held-out scores come from K-fold cross-fitting, so every held-out image is scored by a density that did not see it
+(fitted on (K-1)/K of them, a little less sharp than the final fit on all: which only makes the p-values conservative;
+split conformal's exact finite-sample bound would need a density fitted on part of the data only).
 
 A calibration is stored beside the weights as `calibration.safetensors` (tensors + string metadata, no pickle) and
 summarised, with its sha256, in the card's `calibration` section; `load_calibration` validates both.
