@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import __version__, checkpoint
+from model.calibrate import calibrate
 from model.data import DATASETS, default_data_root, fixed_binarized, load_dataset, to_float
 from model.device import resolve_device
 from model.distributed import DistributedContext
@@ -656,6 +657,10 @@ def finish(run: Run, state: TrainState, wall_time_s: float) -> dict[str, Any]:
         "latent_stats": latent_statistics(posterior_means(model, train_for_stats)),
     }
     card = checkpoint.save(model, card, run.out)
+    # The out-of-distribution score's calibration (/v1/score's ood_score and p_value), on the held-out split.
+    section = calibrate(model, run.val_x, run.out, data=f"validation split of {cfg.dataset}")
+    if section is not None:
+        card["calibration"] = section
     write_metrics_csv(run.out / METRICS_CSV, state.history)
     plot_loss_curve(state.history, run.out / "loss_curve.png", title=f"{card['name']}: ELBO per epoch")
     write_figures(model, run.out, run.test_x)

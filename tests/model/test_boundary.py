@@ -5,7 +5,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 # The training side: dataset readers, the training loop and its figures, the evaluation CLI and the experiments.
 # The service imports only the inference surface (the VAE, its likelihoods, the checkpoint loader, preprocessing).
-TRAINING_ONLY = ("model.train", "model.data", "model.report", "model.evaluate", "model.download", "experiments")
+TRAINING_ONLY = (
+    "model.train",
+    "model.data",
+    "model.report",
+    "model.evaluate",
+    "model.download",
+    "model.calibrate",
+    "experiments",
+)
 
 
 def test_model_package_imports_without_any_web_dependency():
@@ -15,7 +23,7 @@ def test_model_package_imports_without_any_web_dependency():
         "for name in ('fastapi', 'pydantic', 'starlette', 'uvicorn', 'service'): sys.modules[name] = None\n"
         "import model.vae, model.priors, model.losses, model.checkpoint, model.data, model.train, model.evaluate\n"
         "import model.metrics, model.latent, model.preprocess, model.report, model.download, model.distributed\n"
-        "import model.device\n"
+        "import model.device, model.anomaly, model.calibrate\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
