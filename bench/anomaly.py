@@ -40,8 +40,13 @@ from model.data import default_data_root, load_dataset, to_float  # noqa: E402
 from model.preprocess import binarize, pil_to_tensor  # noqa: E402
 
 DATASETS = ("mnist", "fashion-mnist", "frey-face")
-LABELS = {"mnist": "MNIST digits", "fashion-mnist": "Fashion-MNIST items", "frey-face": "Frey faces",
-          "noise": "uniform noise", "constant": "constant images"}  # fmt: skip
+LABELS = {
+    "mnist": "MNIST digits",
+    "fashion-mnist": "Fashion-MNIST items",
+    "frey-face": "Frey faces",
+    "noise": "uniform noise",
+    "constant": "constant images",
+}
 FLAG_FPR = 0.05
 
 
@@ -53,8 +58,9 @@ def as_input(images: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     """uint8 (N, C, H, W) -> floats at the model's input shape, converted as an uploaded image is."""
     if tuple(images.shape[1:]) == shape:
         return to_float(images)
-    return torch.stack([pil_to_tensor(Image.fromarray(im.permute(1, 2, 0).squeeze(-1).numpy()), shape)
-                        for im in images])  # fmt: skip
+    return torch.stack(
+        [pil_to_tensor(Image.fromarray(im.permute(1, 2, 0).squeeze(-1).numpy()), shape) for im in images]
+    )
 
 
 def evaluation_sets(card: dict, root: str, n: int, seed: int) -> dict[str, torch.Tensor]:
@@ -94,8 +100,9 @@ def calibration_for(path: Path, model: torch.nn.Module, card: dict, root: str, k
         return stored, f"stored ({stored.n} held-out images, k={stored.k})"
     x = held_out_images(card, root)
     stats = dataset_statistics(model, x, k=k, seed=0)
-    fitted = anomaly.fit(stats, k=k, binarized=model.config.likelihood == "bernoulli",
-                         weights_sha256=card["weights"]["sha256"])  # fmt: skip
+    fitted = anomaly.fit(
+        stats, k=k, binarized=model.config.likelihood == "bernoulli", weights_sha256=card["weights"]["sha256"]
+    )
     return fitted, f"fitted here ({fitted.n} held-out images, k={k})"
 
 
@@ -116,11 +123,18 @@ def detection_rows(path: Path, args: argparse.Namespace) -> tuple[list[list[obje
     for name in raw:
         if name == "in":
             continue
-        rows.append([card["name"], LABELS[name],
-                     f"{auroc(raw['in'], raw[name]):.3f}", f"{auroc(serra['in'], serra[name]):.3f}",
-                     f"{auroc(ood['in'], ood[name]):.3f}",
-                     f"{fpr_at_tpr(raw['in'], raw[name]):.3f}", f"{fpr_at_tpr(ood['in'], ood[name]):.3f}",
-                     f"{flagged[name]:.3f}"])  # fmt: skip
+        rows.append(
+            [
+                card["name"],
+                LABELS[name],
+                f"{auroc(raw['in'], raw[name]):.3f}",
+                f"{auroc(serra['in'], serra[name]):.3f}",
+                f"{auroc(ood['in'], ood[name]):.3f}",
+                f"{fpr_at_tpr(raw['in'], raw[name]):.3f}",
+                f"{fpr_at_tpr(ood['in'], ood[name]):.3f}",
+                f"{flagged[name]:.3f}",
+            ]
+        )
     note = f"{card['name']}: calibration {origin}; in-distribution test images flagged at fpr {FLAG_FPR}: "
     return rows, note + f"{flagged['in']:.3f}"
 
@@ -161,14 +175,16 @@ def cost_rows(path: Path, args: argparse.Namespace) -> list[list[object]]:
         stats = score(model, x, args.k)
         base = best_time(args.rounds, score, model, x, args.k) / batch
         added = best_time(args.rounds * 20, ood_part, calibration, stats, x) / batch
-        rows.append([card["name"], batch, args.k, f"{base * 1e3:.3f}", f"{added * 1e3:.4f}",
-                     f"{100 * added / base:.2f} %"])  # fmt: skip
+        rows.append(
+            [card["name"], batch, args.k, f"{base * 1e3:.3f}", f"{added * 1e3:.4f}", f"{100 * added / base:.2f} %"]
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint directories")
     p.add_argument("--data-root", default=None, help="default: $VAE_DATA_ROOT, else ../shared/data, else ./data")
     p.add_argument("--n", type=int, default=120, help="images per set")
@@ -188,10 +204,19 @@ def main(argv: list[str] | None = None) -> None:
         r, note = detection_rows(path, args)
         rows += r
         notes.append(note)
-    print(f"\n{args.n} images per set, k={args.k}, seed {args.seed}, torch threads {args.threads}; "
-          f"{loadgen.machine()}\n")  # fmt: skip
-    headers = ["model", "OOD set", "AUROC raw", "AUROC S", "AUROC ood", "FPR@95 raw", "FPR@95 ood",
-               f"flagged @{FLAG_FPR}"]  # fmt: skip
+    print(
+        f"\n{args.n} images per set, k={args.k}, seed {args.seed}, torch threads {args.threads}; {loadgen.machine()}\n"
+    )
+    headers = [
+        "model",
+        "OOD set",
+        "AUROC raw",
+        "AUROC S",
+        "AUROC ood",
+        "FPR@95 raw",
+        "FPR@95 ood",
+        f"flagged @{FLAG_FPR}",
+    ]
     print(loadgen.table(headers, rows, "ll" + "r" * 6))
     print("\n" + "\n".join(notes))
     if not args.no_cost:

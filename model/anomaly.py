@@ -60,8 +60,10 @@ class CalibrationError(CheckpointError):
 def unsupported_reason(config: VAEConfig) -> str | None:
     """Why a model gets no OOD score (a sentence for a 422), or None when it can be scored."""
     if config.kind == "ae":
-        return ("a plain autoencoder (kind 'ae') defines no likelihood p(x), so it has no out-of-distribution score; "
-                "use a VAE checkpoint")  # fmt: skip
+        return (
+            "a plain autoencoder (kind 'ae') defines no likelihood p(x), so it has no out-of-distribution score; "
+            "use a VAE checkpoint"
+        )
     return None
 
 
@@ -87,8 +89,13 @@ def score_statistics(
         raise ValueError(reason)
     terms = losses.elbo(model, x, generator=generator)
     ll = losses.iwae_log_likelihood(model, x, k=k, generator=generator)
-    return {"elbo": terms.elbo, "recon": terms.recon, "kl": terms.kl, "log_likelihood": ll,
-            "complexity_bits": complexity_bits(x).to(ll.device)}  # fmt: skip
+    return {
+        "elbo": terms.elbo,
+        "recon": terms.recon,
+        "kl": terms.kl,
+        "log_likelihood": ll,
+        "complexity_bits": complexity_bits(x).to(ll.device),
+    }
 
 
 def _stack(stats: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> torch.Tensor:
@@ -204,9 +211,16 @@ class Calibration:
 
     def summary(self) -> dict[str, Any]:
         """What the card and /v1/models tell about it (no arrays)."""
-        return {"format_version": FORMAT_VERSION, "method": "gaussian density over per-image statistics (DoSE-style)",
-                "statistics": list(self.statistics), "k": self.k, "binarized": self.binarized, "n": self.n,
-                "min_fpr": round(self.min_fpr, 6), **self.info}  # fmt: skip
+        return {
+            "format_version": FORMAT_VERSION,
+            "method": "gaussian density over per-image statistics (DoSE-style)",
+            "statistics": list(self.statistics),
+            "k": self.k,
+            "binarized": self.binarized,
+            "n": self.n,
+            "min_fpr": round(self.min_fpr, 6),
+            **self.info,
+        }
 
 
 def fit(
@@ -245,11 +259,19 @@ def save_calibration(calibration: Calibration, directory: str | Path) -> dict[st
     """Write calibration.safetensors into a checkpoint directory and its summary (with the file's sha256) into the
     card's `calibration` section; returns that section."""
     directory = Path(directory)
-    tensors = {"mean": calibration.mean, "covariance": calibration.covariance,
-               "reference_scores": calibration.reference_scores}  # fmt: skip
-    metadata = {"format_version": str(FORMAT_VERSION), "statistics": json.dumps(list(calibration.statistics)),
-                "k": str(calibration.k), "binarized": json.dumps(calibration.binarized),
-                "weights_sha256": calibration.weights_sha256, "info": json.dumps(calibration.info)}  # fmt: skip
+    tensors = {
+        "mean": calibration.mean,
+        "covariance": calibration.covariance,
+        "reference_scores": calibration.reference_scores,
+    }
+    metadata = {
+        "format_version": str(FORMAT_VERSION),
+        "statistics": json.dumps(list(calibration.statistics)),
+        "k": str(calibration.k),
+        "binarized": json.dumps(calibration.binarized),
+        "weights_sha256": calibration.weights_sha256,
+        "info": json.dumps(calibration.info),
+    }
     path = directory / CALIBRATION_FILE
     tmp = directory / f".{CALIBRATION_FILE}.tmp"
     tmp.write_bytes(save_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
@@ -275,8 +297,9 @@ def load_calibration(directory: str | Path, card: dict[str, Any] | None = None) 
         raise CalibrationError(f"{where}: the calibration section needs 'file' and 'sha256'")
     path = directory / section["file"]
     if path.name != section["file"] or not path.is_file():
-        raise CalibrationError(f"{directory} is missing its calibration file {section['file']!r} "
-                               "(re-run `python -m model.calibrate`)")  # fmt: skip
+        raise CalibrationError(
+            f"{directory} is missing its calibration file {section['file']!r} (re-run `python -m model.calibrate`)"
+        )
     data = path.read_bytes()  # the bytes hashed are the bytes parsed
     if hashlib.sha256(data).hexdigest() != section["sha256"]:
         raise CalibrationError(f"{path} does not match its card's sha256 (corrupt, truncated or replaced)")
@@ -287,11 +310,15 @@ def load_calibration(directory: str | Path, card: dict[str, Any] | None = None) 
     except Exception as e:  # safetensors raises its own error types on a malformed header
         raise CalibrationError(f"{path} is not a readable safetensors file: {e}") from None
     if sorted(tensors) != sorted(TENSORS) or sorted(metadata) != sorted(METADATA):
-        raise CalibrationError(f"{path}: expected tensors {list(TENSORS)} and metadata {list(METADATA)}, "
-                               f"got {sorted(tensors)} and {sorted(metadata)}")  # fmt: skip
+        raise CalibrationError(
+            f"{path}: expected tensors {list(TENSORS)} and metadata {list(METADATA)}, "
+            f"got {sorted(tensors)} and {sorted(metadata)}"
+        )
     if metadata["format_version"] != str(FORMAT_VERSION):
-        raise CalibrationError(f"{path}: unknown calibration format_version {metadata['format_version']!r} "
-                               f"(this version of vae-serve reads {FORMAT_VERSION})")  # fmt: skip
+        raise CalibrationError(
+            f"{path}: unknown calibration format_version {metadata['format_version']!r} "
+            f"(this version of vae-serve reads {FORMAT_VERSION})"
+        )
     weights_sha = (card.get("weights") or {}).get("sha256")
     if metadata["weights_sha256"] != weights_sha:
         raise CalibrationError(

@@ -33,15 +33,21 @@ def held_out_images(card: dict[str, Any], data_root: str | None = None, image_di
     missing = [key for key in ("dataset", "seed", "val_size") if key not in train_cfg]
     if missing:
         raise ValueError(f"the card records no training {', '.join(missing)}: its held-out split cannot be rebuilt")
-    data = load_dataset(train_cfg["dataset"], data_root or default_data_root(),
-                        image_dir or train_cfg.get("image_dir"), tuple(card["config"]["input_shape"]))  # fmt: skip
+    data = load_dataset(
+        train_cfg["dataset"],
+        data_root or default_data_root(),
+        image_dir or train_cfg.get("image_dir"),
+        tuple(card["config"]["input_shape"]),
+    )
     train = to_float(data.train)
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(train_cfg["seed"]))
     n_val = min(train_cfg["val_size"], len(train) // 10)
     recorded = (card.get("dataset") or {}).get("val_images")
     if recorded is not None and recorded != n_val:
-        raise ValueError(f"rebuilt a validation split of {n_val} images, the card records {recorded}: "
-                         "the dataset or the split differs from training's")  # fmt: skip
+        raise ValueError(
+            f"rebuilt a validation split of {n_val} images, the card records {recorded}: "
+            "the dataset or the split differs from training's"
+        )
     return train[perm[:n_val]]
 
 
@@ -101,8 +107,10 @@ def calibrate(
     )
     section = anomaly.save_calibration(calibration, directory)
     q = calibration.reference_scores
-    log(f"calibrated on {calibration.n} held-out images (k={k}) in {section['seconds']} s: held-out OOD scores "
-        f"median {q.median():.2f}, 95th percentile {q.quantile(0.95):.2f}, max {q.max():.2f}")  # fmt: skip
+    log(
+        f"calibrated on {calibration.n} held-out images (k={k}) in {section['seconds']} s: held-out OOD scores "
+        f"median {q.median():.2f}, 95th percentile {q.quantile(0.95):.2f}, max {q.max():.2f}"
+    )
     return section
 
 

@@ -99,8 +99,9 @@ class VAEClient:
         if _is_array(image):
             image = _array_image(image)
         if not hasattr(image, "save"):
-            raise TypeError(f"cannot send a {type(image).__name__} as an image: give a path, bytes, a PIL image or "
-                            "a numpy array")  # fmt: skip
+            raise TypeError(
+                f"cannot send a {type(image).__name__} as an image: give a path, bytes, a PIL image or a numpy array"
+            )
         buf = io.BytesIO()  # a PIL image
         image.save(buf, format="PNG")
         return buf.getvalue()
@@ -201,10 +202,13 @@ class VAEClient:
         k: int = 100,
         seed: int = 0,
         binarize: bool | None = None,
+        fpr: float | None = None,
         model: str | None = None,
     ) -> dict[str, Any]:
-        """ELBO and importance-weighted log-likelihood per image (nats and bits/dim)."""
-        return dict(self._upload("/v1/score", images, k=k, seed=seed, binarize=binarize, model=model))
+        """ELBO and importance-weighted log-likelihood per image (nats and bits/dim), and for calibrated models the
+        out-of-distribution score, its p-value and `is_anomaly` at false-positive rate `fpr` (default: the
+        server's)."""
+        return dict(self._upload("/v1/score", images, k=k, seed=seed, binarize=binarize, fpr=fpr, model=model))
 
     def interpolate(
         self,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model import checkpoint, latent, losses, preprocess
+from model import anomaly, checkpoint, latent, losses, preprocess
 from model.vae import VAE, VAEConfig, VAEOutput, randn
 from service import media
 from service.errors import InvalidInput, OutOfMemory, UnsupportedForModel
@@ -113,15 +113,20 @@ class VAEPredictor:
         device: torch.device,
         dtype: torch.dtype,
         max_image_pixels: int = 4096 * 4096,
+        default_fpr: float = 0.05,
     ) -> None:
         self.name = name
         self.max_image_pixels = max_image_pixels
+        self.default_fpr = default_fpr
         self.model = model
         self.card = card
         self.path = path
         self.device = device
         self.dtype = dtype
         self.config: VAEConfig = model.config
+        # The OOD score's calibration (model/anomaly.py), validated with the checkpoint; None: the checkpoint has
+        # none, and /v1/score says so.
+        self.calibration: anomaly.Calibration | None = anomaly.load_calibration(path, card)
 
     # -- setup ---------------------------------------------------------------------------------------------------
     @classmethod
@@ -132,13 +137,14 @@ class VAEPredictor:
         device: torch.device,
         dtype_name: str = "float32",
         max_image_pixels: int = 4096 * 4096,
+        default_fpr: float = 0.05,
     ) -> VAEPredictor:
         """Validate and load `path` (raises checkpoint.CheckpointError). Half precision applies on GPU only."""
         model, card = checkpoint.load(path, device)
         dtype = DTYPES[dtype_name] if device.type == "cuda" else torch.float32
         model = model.to(dtype=dtype)
         model.requires_grad_(False)
-        return cls(name, model, card, path, device, dtype, max_image_pixels)
+        return cls(name, model, card, path, device, dtype, max_image_pixels, default_fpr)
 
     def warmup(self) -> None:
         """One small forward of each mergeable op, so the first request pays no lazy-initialisation cost."""
@@ -191,6 +197,8 @@ class VAEPredictor:
             "created": card.get("created"),
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "calibrated": self.calibration is not None,
+            "calibration": None if self.calibration is None else self.calibration.summary(),
             "card": card,
         }
 
@@ -226,7 +234,14 @@ class VAEPredictor:
             if binarized:
                 x = preprocess.binarize(x, g)  # as Bernoulli models were trained and evaluated
             if isinstance(params, ScoreRequest):
-                return Job("score", {"x": x}, (params.k, g), seed=params.seed, binarized=binarized, notes=notes)
+                fpr = params.fpr if params.fpr is not None else self.default_fpr
+                if self.calibration is not None and fpr < self.calibration.min_fpr:
+                    raise InvalidInput(
+                        f"fpr={fpr:g} is below what the calibration can resolve for model {self.name!r} "
+                        f"({self.calibration.min_fpr:.2g}: 1 in {self.calibration.n + 1} held-out images)"
+                    )
+                job = Job("score", {"x": x}, (params.k, g, fpr), seed=params.seed, binarized=binarized, notes=notes)
+                return job
             eps = self.noise(len(x), g)
             return Job("reconstruct", {"x": x, "eps": eps}, seed=params.seed, binarized=binarized, notes=notes)
         if isinstance(params, InterpolateRequest):
@@ -458,8 +473,8 @@ class VAEPredictor:
             elif op == "reconstruct":
                 out = self._reconstruct(t["x"], t["eps"])
             elif op == "score":
-                k, g = arg
-                out = self._score(t["x"], k, g)
+                k, g, fpr = arg
+                out = self._score(t["x"], k, g, fpr)
             elif op == "interpolate":
                 steps, path = arg
                 ends = self.model.encode(t["x"])[0] if "x" in t else t["z"]
@@ -488,10 +503,22 @@ class VAEPredictor:
         terms = losses.elbo_from_output(self.model, x, VAEOutput(mu=mu, logvar=logvar, z=z, params=sampled))
         return {"image": self.model.mean_image(at_mean), "elbo": terms.elbo, "recon": terms.recon, "kl": terms.kl}
 
-    def _score(self, x: torch.Tensor, k: int, generator: torch.Generator) -> Tensors:
-        terms = losses.elbo(self.model, x, generator=generator)
-        ll = losses.iwae_log_likelihood(self.model, x, k=k, generator=generator)
-        return {"elbo": terms.elbo, "recon": terms.recon, "kl": terms.kl, "log_likelihood": ll}
+    def _score(self, x: torch.Tensor, k: int, generator: torch.Generator, fpr: float) -> Tensors:
+        """ELBO terms and the k-sample log-likelihood, the input's complexity, and (calibrated models, on inputs
+        prepared as calibrated) the OOD score, its p-value and the decision at `fpr`."""
+        stats = anomaly.score_statistics(self.model, x, k=k, generator=generator)
+        if self.ood_note(self.bernoulli and not bool(((x == 0) | (x == 1)).all())) is None:
+            assert self.calibration is not None
+            stats |= self.calibration.assess(stats, fpr)
+        return stats
+
+    def ood_note(self, grey_bernoulli_input: bool = False) -> str | None:
+        """Why this model's scores carry no calibrated OOD score, or None when they do."""
+        if self.calibration is None:
+            return f"model {self.name!r} has no calibration: run python -m model.calibrate on its checkpoint"
+        if grey_bernoulli_input:
+            return "the OOD score is calibrated on binarised inputs, as Bernoulli models see them: send binarize=true"
+        return None
 
     # -- encode_response: the outputs -> an Answer of plain values ---------------------------------------------------
     def encode_response(self, job: Job, out: Tensors, call: Call[Any]) -> Answer:
@@ -515,19 +542,36 @@ class VAEPredictor:
             }
             return Answer(fields, notes=job.notes)
         if job.op == "score":
-            rows = zip(*(out[key].tolist() for key in ("elbo", "recon", "kl", "log_likelihood")), strict=True)
+            _, _, fpr = job.arg
+            calibrated = "ood_score" in out
+            stats = ("elbo", "recon", "kl", "log_likelihood", "complexity_bits")
+            rows = zip(*(out[key].tolist() for key in stats), strict=True)
             results = [
                 {
                     "elbo": e,
                     "recon": r,
-                    "kl": k,
+                    "kl": kl,
                     "elbo_bits_per_dim": self.bits_per_dim(-e),
                     "log_likelihood": ll,
                     "bits_per_dim": self.bits_per_dim(-ll),
+                    "complexity_bits": c,
                 }
-                for e, r, k, ll in rows
+                for e, r, kl, ll, c in rows
             ]
-            fields |= {"k": params.k, "seed": job.seed, "binarized": job.binarized, "results": results}
+            if calibrated:
+                for result, score, p, flag in zip(
+                    results, out["ood_score"].tolist(), out["p_value"].tolist(), out["is_anomaly"].tolist(), strict=True
+                ):
+                    result |= {"ood_score": score, "p_value": p, "is_anomaly": bool(flag)}
+            fields |= {
+                "k": params.k,
+                "seed": job.seed,
+                "binarized": job.binarized,
+                "calibrated": calibrated,
+                "fpr": fpr if calibrated else None,
+                "ood_note": None if calibrated else self.ood_note(not job.binarized and self.bernoulli),
+                "results": results,
+            }
             return Answer(fields, notes=job.notes)
         if job.op == "reconstruct":
             rows = zip(out["elbo"].tolist(), out["recon"].tolist(), out["kl"].tolist(), strict=True)

@@ -123,7 +123,7 @@ class ModelRegistry:
         loop = asyncio.get_running_loop()
         try:
             predictor = await loop.run_in_executor(
-                executor, VAEPredictor.load, name, path, device, s.dtype, s.max_image_pixels
+                executor, VAEPredictor.load, name, path, device, s.dtype, s.max_image_pixels, s.ood_fpr
             )
         except checkpoint.CheckpointError as e:
             raise StartupError(f"cannot load model {name!r}: {e}") from None

@@ -91,6 +91,8 @@ class ModelInfo(BaseModel):
     created: str | None = None
     device: str
     dtype: str
+    calibrated: bool = Field(description="whether /v1/score gives a calibrated OOD score (docs/anomaly.md)")
+    calibration: dict[str, Any] | None = Field(description="how the OOD score was calibrated, when it was")
     card: dict[str, Any] = Field(description="the full model card")
 
 
@@ -205,7 +207,19 @@ class ReconstructResponse(BaseModel):
 class ScoreRequest(_ImagesIn):
     """JSON form of /v1/score (multipart: repeated `image` files plus these fields as form fields)."""
 
-    k: int = Field(100, ge=1, description="importance samples per image (capped by the server's max_score_k)")
+    k: int = Field(
+        100,
+        ge=1,
+        description="importance samples per image (capped by the server's max_score_k); the OOD score is "
+        "calibrated at the default",
+    )
+    fpr: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="false-positive rate for is_anomaly: the share of in-distribution images flagged (default: the "
+        "server's ood_fpr, 0.05)",
+    )
     seed: Seed = Field(0, description="seed for the binarisation and every sample: equal requests, equal scores")
     binarize: bool | None = Field(
         None, description="Bernoulli models only: binarise the input first, as in training (default: true)"
@@ -216,7 +230,15 @@ class ScoreRequest(_ImagesIn):
 
 class Score(ElboTerms):
     log_likelihood: float = Field(description="importance-weighted estimate of log p(x) with k samples, nats")
-    bits_per_dim: float = Field(description="-log p(x) in bits per dimension (higher: more anomalous)")
+    bits_per_dim: float = Field(description="-log p(x) in bits per dimension")
+    complexity_bits: float = Field(description="the input's zlib-compressed length in bits (a complexity estimate)")
+    ood_score: float | None = Field(
+        None, description="out-of-distribution score (higher: less like the training data); null when uncalibrated"
+    )
+    p_value: float | None = Field(
+        None, description="share of held-out in-distribution images scoring at least this high (calibrated)"
+    )
+    is_anomaly: bool | None = Field(None, description="p_value <= fpr: flagged as unlike the training data")
 
 
 class ScoreResponse(BaseModel):
@@ -224,6 +246,9 @@ class ScoreResponse(BaseModel):
     k: int
     seed: int
     binarized: bool
+    calibrated: bool = Field(description="whether ood_score, p_value and is_anomaly are given (docs/anomaly.md)")
+    fpr: float | None = Field(None, description="the false-positive rate is_anomaly was decided at")
+    ood_note: str | None = Field(None, description="why there is no calibrated OOD score, when there is none")
     results: list[Score]
 
     model_config = ConfigDict(
@@ -231,9 +256,11 @@ class ScoreResponse(BaseModel):
             "examples": [
                 {
                     "model": "mnist",
-                    "k": 500,
+                    "k": 100,
                     "seed": 0,
                     "binarized": True,
+                    "calibrated": True,
+                    "fpr": 0.05,
                     "results": [
                         {
                             "elbo": -88.1,
@@ -242,6 +269,10 @@ class ScoreResponse(BaseModel):
                             "elbo_bits_per_dim": 0.1621,
                             "log_likelihood": -83.9,
                             "bits_per_dim": 0.1544,
+                            "complexity_bits": 1312.0,
+                            "ood_score": 4.2,
+                            "p_value": 0.61,
+                            "is_anomaly": False,
                         }
                     ],
                 }

@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest uploaded image (width * height)")
     max_sample_n: int = Field(256, ge=1, description="most images one /v1/sample call returns")
     max_score_k: int = Field(1000, ge=1, description="most importance samples per image in /v1/score")
+    ood_fpr: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="/v1/score's default false-positive rate for is_anomaly (a request's `fpr` overrides it)",
+    )
     max_interpolate_steps: int = Field(64, ge=2, description="most frames one /v1/interpolate call returns")
     max_manifold_steps: int = Field(30, ge=2, description="largest side of the /v1/manifold grid")
     gif_frame_ms: int = Field(100, ge=10, description="frame duration of animated GIFs")

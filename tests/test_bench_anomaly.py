@@ -22,8 +22,19 @@ def test_auroc_and_fpr_at_95_tpr_on_known_scores() -> None:
 
 @pytest.mark.slow
 def test_a_quick_run_on_the_shipped_fashion_mnist_model(shared_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    anomaly.main([str(REPO / "checkpoints" / "fashion-mnist"), "--data-root", str(shared_data), "--n", "12",
-                  "--k", "2", "--rounds", "1"])  # fmt: skip
+    anomaly.main(
+        [
+            str(REPO / "checkpoints" / "fashion-mnist"),
+            "--data-root",
+            str(shared_data),
+            "--n",
+            "12",
+            "--k",
+            "2",
+            "--rounds",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert "| fashion-mnist | MNIST digits |" in out and "| fashion-mnist | constant images |" in out
     assert "calibration stored (5000 held-out images, k=100)" in out

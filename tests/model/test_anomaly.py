@@ -29,8 +29,9 @@ def synthetic_stats(n: int, seed: int = 0, shift: float = 0.0) -> dict[str, torc
     """Correlated Gaussian statistics on each statistic's own scale, like a model's (nats, bits)."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, len(STATISTICS), generator=g, dtype=torch.float64) + shift
-    mix = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.3, 1.0, 0.0, 0.0], [0.9, -0.2, 0.5, 0.0], [0.5, 0.1, 0.0, 1.0]],
-                       dtype=torch.float64)  # fmt: skip
+    mix = torch.tensor(
+        [[1.0, 0.0, 0.0, 0.0], [0.3, 1.0, 0.0, 0.0], [0.9, -0.2, 0.5, 0.0], [0.5, 0.1, 0.0, 1.0]], dtype=torch.float64
+    )
     scale = torch.tensor([70.0, 3.0, 70.0, 170.0], dtype=torch.float64)
     rows = (z @ mix.T) * scale + torch.tensor([-230.0, 18.0, -212.0, 880.0], dtype=torch.float64)
     return {name: rows[:, i].float() for i, name in enumerate(STATISTICS)}
@@ -61,8 +62,17 @@ def calibrated(tmp_path: Path) -> tuple[Path, anomaly.Calibration]:
 # -- scores, p-values, decisions ---------------------------------------------------------------------------------
 def test_p_values_lie_in_0_1_and_do_not_increase_with_the_score() -> None:
     cal = fitted()
-    scores = torch.cat([cal.ood_score(synthetic_stats(300, seed=1)), cal.ood_score(synthetic_stats(300, 2, 3.0)),
-                        torch.tensor([-1e9, 0.0, 1e9], dtype=torch.float64)]).sort().values  # fmt: skip
+    scores = (
+        torch.cat(
+            [
+                cal.ood_score(synthetic_stats(300, seed=1)),
+                cal.ood_score(synthetic_stats(300, 2, 3.0)),
+                torch.tensor([-1e9, 0.0, 1e9], dtype=torch.float64),
+            ]
+        )
+        .sort()
+        .values
+    )
     p = cal.p_value(scores)
     assert ((p > 0) & (p <= 1)).all()
     assert (p[1:] <= p[:-1]).all()
@@ -152,7 +162,8 @@ def test_calibration_is_stored_and_reloaded_identically(calibrated: tuple[Path, 
     card = checkpoint.read_card(path)
     section = card["calibration"]
     assert section["file"] == anomaly.CALIBRATION_FILE and section["sha256"] == checkpoint.sha256_file(
-        path / anomaly.CALIBRATION_FILE)  # fmt: skip
+        path / anomaly.CALIBRATION_FILE
+    )
     assert section["statistics"] == list(STATISTICS) and section["n"] == cal.n and section["k"] == 100
     stats = synthetic_stats(10, seed=5)
     assert torch.equal(loaded.assess(stats, 0.05)["p_value"], cal.assess(stats, 0.05)["p_value"])
@@ -200,7 +211,7 @@ CORRUPTIONS = {
     "non-finite": (
         {"tensors": {"reference_scores": torch.tensor([1.0, float("nan")], dtype=torch.float64)}},
         "finite",
-    ),  # fmt: skip
+    ),
     "unsorted": ({"tensors": {"reference_scores": torch.tensor([2.0, 1.0], dtype=torch.float64)}}, "sorted"),
     "not positive definite": ({"tensors": {"covariance": -torch.eye(4, dtype=torch.float64)}}, "positive definite"),
     "float32": ({"tensors": {"mean": torch.zeros(4)}}, "float64"),

@@ -26,10 +26,39 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Bernoulli VAE trained for one epoch on 300 synthetic 8x8 images: a validation split of 27."""
     root = tmp_path_factory.mktemp("calibrate")
     images = write_synthetic_images(root / "images", n=300)
-    train_main(["--dataset", "folder", "--image-dir", str(images), "--image-size", "8x8", "--channels", "1",
-                "--hidden", "16", "--latent-dim", "2", "--likelihood", "bernoulli", "--epochs", "1",
-                "--batch-size", "32", "--eval-k", "2", "--seed", "0", "--threads", "1", "--no-progress",
-                "--name", "tiny", "--out", str(root / "tiny")])  # fmt: skip
+    train_main(
+        [
+            "--dataset",
+            "folder",
+            "--image-dir",
+            str(images),
+            "--image-size",
+            "8x8",
+            "--channels",
+            "1",
+            "--hidden",
+            "16",
+            "--latent-dim",
+            "2",
+            "--likelihood",
+            "bernoulli",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--eval-k",
+            "2",
+            "--seed",
+            "0",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--name",
+            "tiny",
+            "--out",
+            str(root / "tiny"),
+        ]
+    )
     return root / "tiny"
 
 
@@ -74,8 +103,9 @@ def test_the_function_training_calls_stores_a_calibration(trained: Path, tmp_pat
     assert lines and lines[0].startswith("calibrated on 40 held-out images (k=3)")
     cal = anomaly.load_calibration(out)
     # The stored reference scores are what the statistics of x give under cross-fitting.
-    refit = anomaly.fit(dataset_statistics(model, x, k=3, seed=0), k=3, binarized=True,
-                        weights_sha256=cal.weights_sha256)  # fmt: skip
+    refit = anomaly.fit(
+        dataset_statistics(model, x, k=3, seed=0), k=3, binarized=True, weights_sha256=cal.weights_sha256
+    )
     assert torch.equal(refit.reference_scores, cal.reference_scores)
 
 
@@ -90,8 +120,9 @@ def test_an_autoencoder_is_not_calibrated_and_the_cli_says_why(tiny_ae_checkpoin
     assert anomaly.load_calibration(tiny_ae_checkpoint) is None
 
 
-def test_too_small_a_validation_split_is_skipped_by_training_and_a_clear_cli_error(tiny_checkpoint: Path,
-                                                                                    capsys) -> None:  # fmt: skip
+def test_too_small_a_validation_split_is_skipped_by_training_and_a_clear_cli_error(
+    tiny_checkpoint: Path, capsys
+) -> None:
     model, _ = checkpoint.load(tiny_checkpoint)
     lines: list[str] = []
     assert calibrate(model, torch.rand(5, 1, 8, 8), tiny_checkpoint, log=lines.append) is None

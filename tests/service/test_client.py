@@ -154,3 +154,11 @@ def test_the_module_docstring_runs(settings_for, tmp_path, monkeypatch) -> None:
         server.should_exit = True
         thread.join(timeout=30)
     assert result.attempted >= 3 and result.failed == 0
+
+
+def test_score_sends_the_false_positive_rate() -> None:
+    rec = Recorder()
+    with client_with(rec) as vae:
+        vae.score([png(digit_like(0))], k=10, fpr=0.01)
+    body = rec.requests[0].content
+    assert b'name="fpr"\r\n\r\n0.01' in body and b'name="k"\r\n\r\n10' in body

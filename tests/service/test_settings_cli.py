@@ -84,7 +84,7 @@ async def test_a_one_model_server_starts_with_that_model_as_default(tiny_checkpo
 
 
 def test_dependency_direction() -> None:
-    """service imports only model's inference surface (vae, priors, checkpoint, losses, preprocess, latent,
+    """service imports only model's inference surface (vae, priors, checkpoint, losses, preprocess, latent, anomaly,
     device), never the training loop or dataset readers; `import service` and the client load neither torch nor
     FastAPI. (That model never imports service is tests/model/test_boundary.py's job.)"""
     code = "import sys, service, service.client; assert not {'torch', 'fastapi'} & set(sys.modules), sys.modules"
@@ -98,5 +98,7 @@ def test_dependency_direction() -> None:
                 used.update(".".join(n.split(".")[:2]) for n in names)
             elif isinstance(node, ast.Import):
                 used.update(".".join(a.name.split(".")[:2]) for a in node.names if a.name.split(".")[0] == "model")
-    allowed = {f"model.{m}" for m in ("vae", "priors", "checkpoint", "losses", "preprocess", "latent", "device")}
+    allowed = {
+        f"model.{m}" for m in ("vae", "priors", "checkpoint", "losses", "preprocess", "latent", "device", "anomaly")
+    }
     assert used and used <= allowed, used - allowed
