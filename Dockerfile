@@ -35,11 +35,13 @@ WORKDIR /src
 RUN --mount=type=cache,target=/root/.cache/pip \
     if [ -n "$TORCH_INDEX_URL" ]; then export PIP_INDEX_URL="$TORCH_INDEX_URL"; fi \
     && pip install --no-deps torch=="${TORCH_VERSION}"
-# Dependencies before sources so a code change reuses this layer. deploy/constraints.txt pins every version.
-COPY pyproject.toml deploy/constraints.txt ./
+# Dependencies before sources so a code change reuses this layer. constraints.txt pins every version (the same pins
+# as a clone's `pip install -c constraints.txt`), less its torch line: TORCH_VERSION above chose the build.
+COPY pyproject.toml constraints.txt ./
 RUN --mount=type=cache,target=/root/.cache/pip \
     python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
         > requirements.txt \
+    && sed -i '/^torch==/d' constraints.txt \
     && pip install -c constraints.txt -r requirements.txt \
     && python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
 # Neither serving nor training loads torch's C++ headers, CMake files or C++ test binaries (~190 MB of the CPU wheel).

@@ -11,7 +11,3 @@ def test_every_setting_is_documented_in_the_readme():
     missing = [name for name in Settings.model_fields if f"`VAE_{name.upper()}`" not in README]
     assert missing == []
 
-
-def test_the_two_setup_commands_are_in_the_readme():
-    assert 'pip install -e ".[train,test]" && python -m service' in README
-    assert 'pip install -e ".[train,test]" && python -m pytest' in README
