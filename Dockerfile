@@ -68,8 +68,11 @@ FROM app AS train
 ENV VAE_DATA_ROOT=/data \
     MPLCONFIGDIR=/tmp/matplotlib
 COPY --from=train-builder /opt/venv /opt/venv
+# The bundled checkpoints too: whichever of compose's `api` and `train` first mounts the empty `checkpoints` volume
+# fills it from its image, and `api` must find its models there after a train-first start as well.
+COPY --chown=10001:10001 checkpoints ./checkpoints
 COPY model ./model
-RUN install -d -o vae -g vae /app/checkpoints /data
+RUN install -d -o vae -g vae /data
 USER 10001:10001
 ENTRYPOINT ["python", "-m", "model.train"]
 CMD ["--help"]
