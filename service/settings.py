@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="interface to bind")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
-        "info", description="server log verbosity: critical, error, warning, info or debug"
+        "info", description="log level of the server and uvicorn: critical, error, warning, info or debug"
     )
     access_log: bool = Field(True, description="one log line per request")
     graceful_shutdown_s: float = Field(20.0, gt=0, description="on SIGTERM, the longest wait for requests in flight")
