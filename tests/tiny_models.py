@@ -33,12 +33,14 @@ def make_tiny_checkpoint(
     size: str = "8x8",
     likelihood: str = "bernoulli",
     latent_dim: int = 2,
+    n_images: int = 64,
 ) -> Path:
-    """Train a tiny model for two epochs through `python -m model.train`'s own code path; returns its directory."""
+    """Train a tiny model for two epochs through `python -m model.train`'s own code path (flags in `extra` override
+    the defaults below); returns its directory."""
     from model.train import main
 
     h, w = (int(v) for v in size.split("x"))
-    images = write_synthetic_images(root / f"{name}-images", size=(h, w), channels=channels)
+    images = write_synthetic_images(root / f"{name}-images", n=n_images, size=(h, w), channels=channels)
     out = root / name
     main(
         [

@@ -5,61 +5,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import write_synthetic_images
+from tiny_models import make_tiny_checkpoint
 
 from model import anomaly, checkpoint
 from model.calibrate import calibrate, dataset_statistics, held_out_images, main
-from model.train import main as train_main
 from model.vae import VAE, VAEConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Bernoulli VAE trained for one epoch on 300 synthetic 8x8 images: a validation split of 27."""
     root = tmp_path_factory.mktemp("calibrate")
-    images = write_synthetic_images(root / "images", n=300)
-    train_main(
-        [
-            "--dataset",
-            "folder",
-            "--image-dir",
-            str(images),
-            "--image-size",
-            "8x8",
-            "--channels",
-            "1",
-            "--hidden",
-            "16",
-            "--latent-dim",
-            "2",
-            "--likelihood",
-            "bernoulli",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "32",
-            "--eval-k",
-            "2",
-            "--seed",
-            "0",
-            "--threads",
-            "1",
-            "--no-progress",
-            "--name",
-            "tiny",
-            "--out",
-            str(root / "tiny"),
-        ]
-    )
-    return root / "tiny"
+    flags = ("--epochs", "1", "--batch-size", "32", "--eval-k", "2", "--threads", "1")
+    return make_tiny_checkpoint(root, "tiny", *flags, n_images=300)
 
 
 def test_the_cli_calibrates_a_checkpoint_on_its_validation_split(trained: Path, capsys) -> None:
