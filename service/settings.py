@@ -64,7 +64,12 @@ class Settings(BaseSettings):
         description="browser origins allowed to call the API (CORS), or `*` for any; default: none, CORS off "
         "(env: comma-separated)",
     )
-    # -- server (used by `python -m service` only) -----------------------------------------------------------
+    # -- the Open Inference Protocol's gRPC service, started and stopped with the app -------------------------
+    grpc: bool = Field(True, description="serve the v2 gRPC service (GRPCInferenceService) on grpc_port too")
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="TCP port of the gRPC service, on `host` (0: any free port)"
+    )
+    # -- server (used by `python -m service`; the gRPC service binds `host` too) -----------------------------
     host: str = Field("127.0.0.1", description="interface to bind")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
