@@ -19,6 +19,7 @@ from v2_helpers import images_uint8
 
 from service.errors import StartupError
 from service.main import create_app
+from service.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
@@ -111,3 +112,9 @@ async def test_a_port_already_taken_stops_the_start(settings_for) -> None:
         with pytest.raises(StartupError, match="cannot serve gRPC on 127.0.0.1:.*VAE_GRPC_PORT.*--no-grpc"):
             await app.router.lifespan_context(app).__aenter__()
     assert not app.state.registry.ready
+
+
+def test_the_grpc_port_is_its_own() -> None:
+    with pytest.raises(ValueError, match="grpc_port and port are both 9000"):
+        Settings(port=9000, grpc_port=9000)
+    assert Settings(port=9000, grpc_port=9000, grpc=False).grpc_port == 9000

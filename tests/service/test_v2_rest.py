@@ -263,3 +263,14 @@ async def test_a_bulk_binary_request_is_one_batched_forward(settings_for) -> Non
     assert calls == [("encode", 256)] and conversions == [256]
     expected = predictor.model.encode(torch.from_numpy(images).float() / 255)[0]
     np.testing.assert_allclose(out["mu"], expected.detach().numpy(), **TOL)
+
+
+async def test_v2_requests_are_counted_by_route(served) -> None:
+    _, client = served
+    body, headers = binary_request({"images": (images_uint8(1), "UINT8")})
+    assert (await client.post("/v2/models/tiny-encoder/infer", content=body, headers=headers)).status_code == 200
+    assert (await client.get("/v2/models/nope")).status_code == 404
+    metrics = (await client.get("/metrics")).text
+    assert 'vae_http_requests_total{method="POST",path="/v2/models/{model_name}/infer",status="200"} 1.0' in metrics
+    assert 'vae_http_requests_total{method="GET",path="/v2/models/{model_name}",status="404"} 1.0' in metrics
+    assert 'vae_images_processed_total{model="tiny",op="encode"}' in metrics
