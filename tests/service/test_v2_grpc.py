@@ -95,13 +95,31 @@ async def test_shutdown_lets_calls_in_flight_finish_and_refuses_new_ones(setting
         while not entered.is_set():
             await asyncio.sleep(0.01)
         stopping = asyncio.ensure_future(lifespan.__aexit__(None, None, None))
-        await asyncio.sleep(0.2)
+        for _ in range(500):  # new calls are refused once the stop has begun
+            try:
+                await late.is_server_live()
+            except InferenceServerException:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail("the gRPC server still takes new calls while stopping")
         assert not stopping.done()  # waiting for the call in flight
-        with pytest.raises(InferenceServerException):
-            await late.is_server_live()
         gate.set()
         assert (await call).as_numpy("mu").shape == (2, 2)
         await stopping
+
+
+async def test_messages_over_max_request_bytes_are_refused(settings_for) -> None:
+    async with serve(settings_for(grpc=True, grpc_port=0, max_request_bytes=2048)) as (app, _):
+        async with aioclient.InferenceServerClient(f"127.0.0.1:{app.state.grpc_port}") as client:
+            tensor = aioclient.InferInput("images", [10, 1, 8, 8], "FP32")
+            tensor.set_data_from_numpy(np.zeros((10, 1, 8, 8), np.float32))  # 2560 bytes
+            with pytest.raises(InferenceServerException) as info:
+                await client.infer("tiny-encoder", [tensor])
+            assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+            small = aioclient.InferInput("images", [1, 1, 8, 8], "FP32")
+            small.set_data_from_numpy(np.zeros((1, 1, 8, 8), np.float32))
+            assert (await client.infer("tiny-encoder", [small])).as_numpy("mu").shape == (1, 2)
 
 
 async def test_a_port_already_taken_stops_the_start(settings_for) -> None:
