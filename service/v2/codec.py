@@ -3,8 +3,9 @@ extension), checked against the model's metadata; REST bodies in and out. (gRPC'
 service.v2.grpc_server turns them into the same Inference and Result.)
 
 A REST body is JSON, or, when the `Inference-Header-Content-Length` header is given, that many bytes of JSON followed
-by each binary input's `binary_data_size` bytes, in the inputs' order: little-endian, row-major, no padding. Every
-problem is an InvalidInput (400 under /v2) that says what was expected and what came.
+by each binary input's `binary_data_size` bytes, in the inputs' order: little-endian, row-major, no padding (with
+the header at 0, the body is one item of the model's one input and nothing else). Every problem is an InvalidInput
+(400 under /v2) that says what was expected and what came.
 """
 
 from __future__ import annotations
@@ -265,7 +266,7 @@ async def read_request(request: Request, model: V2Model, settings: Settings) -> 
         if n > len(body):
             raise InvalidInput(f"{HEADER} is {n} bytes, longer than the whole body ({len(body)} bytes)")
         if n == 0:
-            raise InvalidInput(f"{HEADER}: 0 (a body of tensor bytes alone) is not supported: send the JSON header")
+            return raw_binary(model, body, settings)
         header, binary = body[:n], memoryview(body)[n:]
     check_values(header, model, settings)
     try:
@@ -300,6 +301,25 @@ async def read_request(request: Request, model: V2Model, settings: Settings) -> 
         )
     outputs = [(o.name, dict(o.parameters or {})) for o in parsed.outputs or []]
     return decode(model, parsed.id, dict(parsed.parameters or {}), inputs, outputs, settings)
+
+
+def raw_binary(model: V2Model, body: bytes, settings: Settings) -> Inference:
+    """A body of tensor bytes alone (`Inference-Header-Content-Length: 0`, the extension's raw binary request): one
+    item of the model's one input, its datatype told by the byte count; every output comes back as binary data."""
+    spec = model.inputs[0]
+    shape = [1, *spec.shape[1:]]
+    sizes = {
+        datatype: math.prod(shape) * dtype.itemsize for datatype in spec.datatypes if (dtype := DATATYPES[datatype])
+    }
+    for datatype, size in sizes.items():
+        if len(body) == size:
+            wire = WireInput(spec.name, datatype, shape, raw=body)
+            return decode(model, None, {"binary_data_output": True}, [wire], [], settings)
+    expected = " or ".join(f"{size} bytes ({datatype})" for datatype, size in sizes.items())
+    raise InvalidInput(
+        f"a body of tensor bytes alone ({HEADER}: 0) for model {model.name!r} is one {spec.name} item {shape}: "
+        f"{expected}; got {len(body)} bytes"
+    )
 
 
 def inflate(request: Request, body: bytes, settings: Settings) -> bytes:

@@ -47,8 +47,9 @@ INFER_BODY = {
             "name": HEADER,
             "in": "header",
             "required": False,
-            "schema": {"type": "integer", "minimum": 1},
-            "description": "the JSON header's length in bytes: the binary tensor data extension",
+            "schema": {"type": "integer", "minimum": 0},
+            "description": "the JSON header's length in bytes: the binary tensor data extension (0: no JSON header, "
+            "the body is one item of the model's input)",
         }
     ],
 }

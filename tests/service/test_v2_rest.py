@@ -274,3 +274,18 @@ async def test_v2_requests_are_counted_by_route(served) -> None:
     assert 'vae_http_requests_total{method="POST",path="/v2/models/{model_name}/infer",status="200"} 1.0' in metrics
     assert 'vae_http_requests_total{method="GET",path="/v2/models/{model_name}",status="404"} 1.0' in metrics
     assert 'vae_images_processed_total{model="tiny",op="encode"}' in metrics
+
+
+async def test_a_raw_binary_body_is_one_item(client) -> None:
+    """`Inference-Header-Content-Length: 0`: the body is one item of the model's input, its datatype told by its size,
+    and every output comes back as binary data."""
+    image = images_uint8(1)
+    body, headers = binary_request({"images": (image, "UINT8")})
+    expected = outputs_of(await client.post("/v2/models/tiny-encoder/infer", content=body, headers=headers))[1]
+    for raw in (image.tobytes(), (image.astype(np.float32) / 255).tobytes()):
+        r = await client.post("/v2/models/tiny-encoder/infer", content=raw, headers={HEADER: "0"})
+        answer, out = outputs_of(r)
+        assert all("binary_data_size" in o["parameters"] for o in answer["outputs"])
+        np.testing.assert_allclose(out["mu"], expected["mu"], **TOL)
+    r = await client.post("/v2/models/tiny-encoder/infer", content=bytes(100), headers={HEADER: "0"})
+    assert_v2_error(r, 400, "one images item [1, 1, 8, 8]: 64 bytes (UINT8) or 256 bytes (FP32); got 100 bytes")
