@@ -92,7 +92,8 @@ COPY deploy/healthcheck.py ./deploy/healthcheck.py
 COPY model ./model
 COPY service ./service
 USER 10001:10001
-EXPOSE 8000
+# HTTP (/v1, /v2 REST), and the Open Inference Protocol's gRPC service (VAE_GRPC_PORT)
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 CMD ["python", "/app/deploy/healthcheck.py"]
 # Exec form: the server is PID 1 and gets SIGTERM itself; uvicorn drains in-flight requests, then exits.
 STOPSIGNAL SIGTERM

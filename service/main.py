@@ -13,6 +13,7 @@ from service.registry import ModelRegistry
 from service.routes import health, metrics, models, vae, web
 from service.security import APIKeyMiddleware, with_security_schemes
 from service.settings import Settings, get_settings
+from service.v2 import rest as v2
 
 DESCRIPTION = """Serves Variational Autoencoders (Kingma & Welling 2014) trained by `model/`.
 
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(vae.router)  # before models: routes are matched in order, and these are the hot ones
     app.include_router(models.router)
+    app.include_router(v2.router)  # the Open Inference Protocol (docs/protocols.md)
     app.include_router(metrics.router)
     web.mount(app)
     if settings.api_key is not None:

@@ -528,10 +528,7 @@ class VAEPredictor:
         params = call.params
         encoding: Encoding = getattr(params, "encoding", "png")
         fields: dict[str, Any] = {"model": self.name}
-        if "image" in out and "elbo" not in out:
-            z = out.get("z", job.inputs.get("z"))
-            if not bool(torch.isfinite(out["image"]).all()) or (z is not None and not bool(torch.isfinite(z).all())):
-                raise InvalidInput("the latents are too large: they or the decoder's output overflow float32")
+        self.check_decoded(job, out)
         if job.op == "encode":
             keys = [k for k in ("mu", "logvar", "z") if k in out]  # Posterior's fields
             rows = zip(*(float32_rows(out[k]) for k in keys), strict=True)
@@ -588,6 +585,25 @@ class VAEPredictor:
             fields |= {"steps": params.steps, **job.plane, "latents": job.inputs["z"].tolist()}
             return Answer(fields, out["image"], encoding, nrow=params.steps, padding=0)
         return Answer(fields, out["image"], encoding)  # decode
+
+    def encode_tensors(self, job: Job, out: Tensors) -> Tensors:
+        """encode_response's values as whole-batch tensors, for answers that are tensors (the Open Inference
+        Protocol, service.v2): the same checks, score's bits per dimension added, no per-item rows."""
+        self.check_decoded(job, out)
+        if job.op != "score":
+            return out
+        dims = self.config.input_dim
+        bits = {"elbo_bits_per_dim": -out["elbo"], "bits_per_dim": -out["log_likelihood"]}
+        return out | {k: torch.as_tensor(losses.bits_per_dim(nats, dims)) for k, nats in bits.items()}
+
+    @staticmethod
+    def check_decoded(job: Job, out: Tensors) -> None:
+        """Decoded images (and their latents) must be finite: latents far outside the prior (finite, but huge) can
+        overflow the decoder, which is the request's fault (InvalidInput), never NaN pixels in an answer."""
+        if "image" in out and "elbo" not in out:
+            z = out.get("z", job.inputs.get("z"))
+            if not bool(torch.isfinite(out["image"]).all()) or (z is not None and not bool(torch.isfinite(z).all())):
+                raise InvalidInput("the latents are too large: they or the decoder's output overflow float32")
 
     def bits_per_dim(self, nats: float) -> float:
         return float(losses.bits_per_dim(nats, self.config.input_dim))

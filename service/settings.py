@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -70,7 +70,12 @@ class Settings(BaseSettings):
         description="browser origins allowed to call the API (CORS), or `*` for any; default: none, CORS off "
         "(env: comma-separated)",
     )
-    # -- server (used by `python -m service` only) -----------------------------------------------------------
+    # -- the Open Inference Protocol's gRPC service, started and stopped with the app -------------------------
+    grpc: bool = Field(True, description="serve the v2 gRPC service (GRPCInferenceService) on grpc_port too")
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="TCP port of the gRPC service, on `host` (0: any free port)"
+    )
+    # -- server (used by `python -m service`; the gRPC service binds `host` too) -----------------------------
     host: str = Field("127.0.0.1", description="interface to bind")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
@@ -98,6 +103,12 @@ class Settings(BaseSettings):
         if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
             return value
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+    @model_validator(mode="after")
+    def _two_ports(self) -> Settings:
+        if self.grpc and self.grpc_port == self.port != 0:
+            raise ValueError(f"grpc_port and port are both {self.port}: the gRPC service needs a port of its own")
+        return self
 
     @field_validator("api_key")
     @classmethod

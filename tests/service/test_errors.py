@@ -233,7 +233,7 @@ async def test_not_acceptable(client) -> None:
 
 
 async def test_unknown_route_and_method(client) -> None:
-    assert_error(await client.get("/v2/nothing"), 404, "not_found")
+    assert_error(await client.get("/v3/nothing"), 404, "not_found")
     assert_error(await client.get("/v1/encode"), 405, "method_not_allowed")
 
 

@@ -34,7 +34,7 @@ def idx_images(path: Path, n: int) -> np.ndarray:
 
 async def test_fashion_mnist_scores_far_lower_than_mnist_on_the_mnist_model(shared_data: Path) -> None:
     ckpt = mnist_checkpoint()
-    settings = Settings(models_dir=ckpt.parent, models=[str(ckpt)], default_model=ckpt.name, cpu_threads=1)
+    settings = Settings(models_dir=ckpt.parent, models=[str(ckpt)], default_model=ckpt.name, cpu_threads=1, grpc=False)
     digits = idx_images(shared_data / "mnist" / "t10k-images-idx3-ubyte.gz", 16)
     clothes = idx_images(shared_data / "fashion-mnist" / "t10k-images-idx3-ubyte.gz", 16)
     async with serve(settings) as (_, client):

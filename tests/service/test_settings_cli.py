@@ -77,7 +77,7 @@ def test_the_default_model_without_a_setting() -> None:
 @pytest.mark.anyio
 async def test_a_one_model_server_starts_with_that_model_as_default(tiny_checkpoint) -> None:
     """`python -m service --models path/to/tiny` with no --default-model: `tiny` answers requests naming none."""
-    async with serve(Settings(models=[str(tiny_checkpoint)], cpu_threads=1)) as (_, client):
+    async with serve(Settings(models=[str(tiny_checkpoint)], cpu_threads=1, grpc=False)) as (_, client):
         assert (await client.get("/v1/models")).json()["default"] == tiny_checkpoint.name
         r = await client.post("/v1/decode", json={"latents": [[0.0, 0.0]]})
         assert r.status_code == 200 and r.json()["model"] == tiny_checkpoint.name
