@@ -5,7 +5,8 @@ the checkpoint itself (its input shape and latent size), never written down twic
                    z (a sample from q(z|x)) with the parameter `sample: true` or when `z` is asked for; `seed`
     NAME-decoder   latents [-1, latent_dim] (FP32) -> images [-1, C, H, W] (FP32 in [0, 1], the decoder's mean) and
                    images_uint8 (UINT8, rounded as PNGs hold them)
-    NAME-scorer    images -> elbo, recon, kl, elbo_bits_per_dim, log_likelihood, bits_per_dim [-1] (FP32), as /v1/score;
+    NAME-scorer    images -> elbo, recon, kl, elbo_bits_per_dim, log_likelihood, bits_per_dim, complexity_bits, and for
+                   calibrated checkpoints ood_score, p_value, is_anomaly [-1] (FP32), as /v1/score;
                    `k`, `seed`, `binarize`. VAEs only: a plain autoencoder has no likelihood.
 
 Each model's request parameters become the /v1 request schema of the same verb (EncodeRequest, ScoreRequest), so
@@ -165,7 +166,9 @@ def v2_models(served: ServedModel) -> list[V2Model]:
         ),
     ]
     if p.is_vae:
-        scores = ("elbo", "recon", "kl", "elbo_bits_per_dim", "log_likelihood", "bits_per_dim")
+        scores = ("elbo", "recon", "kl", "elbo_bits_per_dim", "log_likelihood", "bits_per_dim", "complexity_bits")
+        if p.calibration is not None:  # the calibrated OOD score (docs/anomaly.md); is_anomaly as 1.0 / 0.0
+            scores += ("ood_score", "p_value", "is_anomaly")
         models.append(
             V2Model(
                 f"{served.name}-scorer",
@@ -173,7 +176,7 @@ def v2_models(served: ServedModel) -> list[V2Model]:
                 served,
                 (images,),
                 tuple(TensorSpec(n, ("FP32",), (-1,)) for n in scores),
-                frozenset({"k", "seed", "binarize"}),
+                frozenset({"k", "seed", "binarize", "fpr"}),
             )
         )
     return models

@@ -98,3 +98,22 @@ async def test_a_corrupt_calibration_stops_the_start(calibrated: Path, tmp_path:
     with pytest.raises(StartupError, match="calibration"):
         async with serve(settings_for(models=[str(broken)], default_model="broken")):
             pass
+
+
+async def test_the_v2_scorer_of_a_calibrated_model_answers_the_ood_outputs(cal_client, calibrated: Path) -> None:
+    """The same numbers through the Open Inference Protocol: NAME-scorer's ood_score, p_value and is_anomaly."""
+    images = [png(digit_like(i)) for i in range(3)]
+    pixels = np.stack([digit_like(i) for i in range(3)])[:, None].astype(np.uint8)
+    v1 = (await cal_client.post("/v1/score", files=files(*images), data={"k": "8", "fpr": "0.5"})).json()
+    body = {
+        "inputs": [
+            {"name": "images", "datatype": "UINT8", "shape": list(pixels.shape), "data": pixels.ravel().tolist()}
+        ],
+        "parameters": {"k": 8, "fpr": 0.5},
+    }
+    r = await cal_client.post(f"/v2/models/{calibrated.name}-scorer/infer", json=body)
+    assert r.status_code == 200, r.text
+    outputs = {o["name"]: o["data"] for o in r.json()["outputs"]}
+    for name in ("ood_score", "p_value"):
+        np.testing.assert_allclose(outputs[name], [s[name] for s in v1["results"]], rtol=1e-5, atol=1e-5)
+    assert outputs["is_anomaly"] == [float(s["is_anomaly"]) for s in v1["results"]]

@@ -49,6 +49,7 @@ async def test_model_metadata_comes_from_the_checkpoints(client) -> None:
         "elbo_bits_per_dim",
         "log_likelihood",
         "bits_per_dim",
+        "complexity_bits",  # tiny is uncalibrated: no ood_score, p_value, is_anomaly (tests/service/test_ood_score.py)
     ]
     assert all(o["shape"] == [-1] for o in scorer["outputs"])
     # A plain autoencoder has no likelihood, so no scorer; unknown names and versions list what is served.
