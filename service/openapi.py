@@ -11,6 +11,8 @@ from service.schemas import ErrorResponse
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
+OCTET_STREAM = "application/octet-stream"
+_BINARY = {"type": "string", "format": "binary"}
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
@@ -74,6 +76,28 @@ def images_body(schema: type[BaseModel], query_schema: type[BaseModel]) -> dict[
 
 
 def image_responses(model: type[BaseModel], *types: str) -> dict[int | str, dict[str, Any]]:
-    """`responses=` for a route answering JSON (`model`) or, by negotiation, the given image types."""
-    content: dict[str, Any] = {t: {"schema": {"type": "string", "format": "binary"}} for t in types}
-    return {200: {"model": model, "content": content}, **ERRORS}
+    """`responses=` for a route answering JSON (`model`) or, by negotiation, the given image (or tensor) types."""
+    content: dict[str, Any] = {t: {"schema": _BINARY} for t in types}
+    answer: dict[str, Any] = {"model": model, "content": content}
+    if OCTET_STREAM in types:
+        answer["headers"] = {
+            "shape": {"description": "tensor answers: the shape, a JSON list", "schema": {"type": "string"}},
+            "dtype": {"description": "tensor answers: float32 or uint8 (little-endian)", "schema": {"type": "string"}},
+        }
+    return {200: answer, **ERRORS}
+
+
+def raw_body(extra: dict[str, Any], query_schema: type[BaseModel], images: bool = True) -> dict[str, Any]:
+    """`extra` (images_body or json_body) plus the raw bodies of docs/binary-tensors.md: a tensor
+    (application/octet-stream, or tensor/binary, with `shape` and `dtype`) and, where the route takes images, one
+    PNG or JPEG file; and the raw body's query parameters (`query_schema`), which apply to raw bodies only."""
+    content = extra["requestBody"]["content"]
+    content[OCTET_STREAM] = {"schema": _BINARY}
+    if images:
+        content["image/png"] = content["image/jpeg"] = {"schema": _BINARY}
+    present = {parameter["name"] for parameter in extra["parameters"]}
+    for parameter in query(query_schema)["parameters"]:
+        if parameter["name"] not in present:
+            parameter["description"] = "raw bodies only: " + parameter.get("description", "")
+            extra["parameters"].append(parameter)
+    return extra

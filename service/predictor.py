@@ -506,7 +506,13 @@ class VAEPredictor:
             if not bool(torch.isfinite(out["image"]).all()) or (z is not None and not bool(torch.isfinite(z).all())):
                 raise InvalidInput("the latents are too large: they or the decoder's output overflow float32")
         if job.op == "encode":
-            keys = [k for k in ("mu", "logvar", "z") if k in out]  # Posterior's fields
+            keys: list[str] = [k for k in ("mu", "logvar", "z") if k in out]  # Posterior's fields
+            if call.format == "tensor":  # one array: the latent (z when sampled, else mu), or the whole posterior
+                fields |= {"latent_dim": self.latent_dim, "seed": job.seed}
+                if getattr(call.options, "posterior", False):
+                    posterior = np.stack([out[k].numpy() for k in keys], axis=1)
+                    return Answer(fields, notes=job.notes, tensor=posterior, tensor_fields=keys)
+                return Answer(fields, notes=job.notes, tensor=float32_rows(out.get("z", out["mu"])))
             rows = zip(*(float32_rows(out[k]) for k in keys), strict=True)
             fields |= {
                 "latent_dim": self.latent_dim,
@@ -515,6 +521,19 @@ class VAEPredictor:
             }
             return Answer(fields, notes=job.notes)
         if job.op == "score":
+            if call.format == "tensor":  # (N, 6): the JSON's result fields as columns, in their order
+                elbo, ll = out["elbo"], out["log_likelihood"]
+                columns = {
+                    "elbo": elbo,
+                    "recon": out["recon"],
+                    "kl": out["kl"],
+                    "elbo_bits_per_dim": losses.bits_per_dim(-elbo, self.config.input_dim),
+                    "log_likelihood": ll,
+                    "bits_per_dim": losses.bits_per_dim(-ll, self.config.input_dim),
+                }
+                table = torch.stack(list(columns.values()), dim=1).numpy()
+                fields |= {"seed": job.seed}
+                return Answer(fields, tensor=table, tensor_fields=list(columns), notes=job.notes)
             rows = zip(*(out[key].tolist() for key in ("elbo", "recon", "kl", "log_likelihood")), strict=True)
             results = [
                 {
