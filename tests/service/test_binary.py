@@ -12,8 +12,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from service_helpers import assert_error, digit_like, files, png, serve
+
+from service.decoding import read_tensor, wire_images, wire_latents
+from service.errors import InvalidInput, InvalidPayload
+from service.predictor import VAEPredictor
+from service.schemas import DecodeTensorQuery
 
 pytestmark = pytest.mark.anyio
 TENSOR = {"Accept": "application/octet-stream"}
@@ -50,6 +57,11 @@ def digits(n: int = 3, channels: int = 1) -> np.ndarray:
 
 def nchw(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2))
+
+
+@pytest.fixture(scope="module")
+def tiny_predictor(tiny_checkpoint) -> VAEPredictor:
+    return VAEPredictor.load("tiny", tiny_checkpoint, torch.device("cpu"))
 
 
 # -- answers equal the JSON answers ------------------------------------------------------------------------------------
@@ -279,3 +291,40 @@ async def test_limits_apply_to_raw_bodies(settings_for) -> None:
         assert r.status_code == 200
         r = await client.post("/v1/encode", **raw(np.zeros((3, 1, 16, 16), np.float32)))  # 3072 bytes
         assert_error(r, 413, "payload_too_large", "3072", "2048")
+
+
+# -- the parser, property-tested ---------------------------------------------------------------------------------------
+@st.composite
+def raw_bodies(draw: st.DrawFn) -> tuple[bytes, list[int], str, bool]:
+    """A shape near the tiny model's, a dtype, and bytes of about the right length: often valid, often not."""
+    images = draw(st.booleans())
+    n = draw(st.integers(0, 3))
+    shape = draw(st.one_of(st.just([n, 1, 8, 8] if images else [n, 2]), st.lists(st.integers(0, 9), max_size=5)))
+    dtype = draw(st.sampled_from(["uint8", "float16", "float32", "bfloat16"]))
+    count = int(np.prod(shape))
+    size = count * np.dtype({"uint8": "u1", "float32": "<f4"}.get(dtype, "<f2")).itemsize
+    body = draw(st.binary(min_size=size, max_size=size)) if draw(st.booleans()) else draw(st.binary(max_size=600))
+    if dtype != "uint8" and draw(st.booleans()):  # plausible values, not only random bit patterns
+        values = np.array(draw(st.lists(st.floats(-1.5, 1.5, width=32), min_size=count, max_size=count)), "<f4")
+        if dtype == "bfloat16":
+            body = (values.view(np.uint32) >> 16).astype("<u2").tobytes()
+        else:
+            body = values.astype("<f2" if dtype == "float16" else "<f4").tobytes()
+    return body, shape, dtype, images
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw_bodies())
+def test_any_raw_body_becomes_a_valid_input_or_a_documented_error(tiny_predictor, case) -> None:
+    body, shape, dtype, images = case
+    try:
+        array = read_tensor(body, shape, dtype)
+        if images:
+            x = tiny_predictor.images_tensor(wire_images(array))
+            assert x.shape[1:] == (1, 8, 8) and x.dtype == torch.float32
+            assert bool(torch.isfinite(x).all()) and float(x.min()) >= 0 and float(x.max()) <= 1
+        else:
+            z = tiny_predictor.latents_array(wire_latents(array, DecodeTensorQuery()))
+            assert z.shape[1:] == (2,) and bool(torch.isfinite(z).all())
+    except (InvalidInput, InvalidPayload):
+        pass
