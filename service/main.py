@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Accept", "Authorization", "Content-Type", "X-API-Key"],
-            expose_headers=["Retry-After", "X-Input-Converted"],
+            expose_headers=["Retry-After", "X-Input-Converted", "shape", "dtype", "seed", "fields"],
         )
     app.add_middleware(MetricsMiddleware, metrics=registry_metrics)
     app.add_middleware(StartupMessage, holder=startup)

@@ -328,3 +328,10 @@ def test_any_raw_body_becomes_a_valid_input_or_a_documented_error(tiny_predictor
             assert z.shape[1:] == (2,) and bool(torch.isfinite(z).all())
     except (InvalidInput, InvalidPayload):
         pass
+
+
+async def test_browsers_may_read_a_tensor_answers_headers(settings_for) -> None:
+    async with serve(settings_for(cors_origins=["https://app.example"])) as (_, client):
+        r = await client.post("/v1/decode", **raw(LATENT, headers={"Origin": "https://app.example"}))
+        exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
+        assert {"shape", "dtype", "seed", "fields"} <= exposed and tensor_of(r).shape == (1, 1, 8, 8)
