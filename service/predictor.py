@@ -530,7 +530,13 @@ class VAEPredictor:
         fields: dict[str, Any] = {"model": self.name}
         self.check_decoded(job, out)
         if job.op == "encode":
-            keys = [k for k in ("mu", "logvar", "z") if k in out]  # Posterior's fields
+            keys: list[str] = [k for k in ("mu", "logvar", "z") if k in out]  # Posterior's fields
+            if call.format == "tensor":  # one array: the latent (z when sampled, else mu), or the whole posterior
+                fields |= {"latent_dim": self.latent_dim, "seed": job.seed}
+                if getattr(call.options, "posterior", False):
+                    posterior = np.stack([out[k].numpy() for k in keys], axis=1)
+                    return Answer(fields, notes=job.notes, tensor=posterior, tensor_fields=keys)
+                return Answer(fields, notes=job.notes, tensor=float32_rows(out.get("z", out["mu"])))
             rows = zip(*(float32_rows(out[k]) for k in keys), strict=True)
             fields |= {
                 "latent_dim": self.latent_dim,
@@ -541,6 +547,22 @@ class VAEPredictor:
         if job.op == "score":
             _, _, fpr = job.arg
             calibrated = "ood_score" in out
+            if call.format == "tensor":  # (N, columns): the JSON's result fields as columns, in their order
+                elbo, ll = out["elbo"], out["log_likelihood"]
+                columns = {
+                    "elbo": elbo,
+                    "recon": out["recon"],
+                    "kl": out["kl"],
+                    "elbo_bits_per_dim": losses.bits_per_dim(-elbo, self.config.input_dim),
+                    "log_likelihood": ll,
+                    "bits_per_dim": losses.bits_per_dim(-ll, self.config.input_dim),
+                    "complexity_bits": out["complexity_bits"],
+                }
+                if calibrated:
+                    columns |= {k: out[k] for k in ("ood_score", "p_value", "is_anomaly")}
+                table = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in columns.values()], dim=1)
+                fields |= {"seed": job.seed, "calibrated": calibrated, "fpr": fpr if calibrated else None}
+                return Answer(fields, tensor=table.numpy(), tensor_fields=list(columns), notes=job.notes)
             stats = ("elbo", "recon", "kl", "log_likelihood", "complexity_bits")
             rows = zip(*(out[key].tolist() for key in stats), strict=True)
             results = [

@@ -166,7 +166,8 @@ def v2_models(served: ServedModel) -> list[V2Model]:
         ),
     ]
     if p.is_vae:
-        scores = ("elbo", "recon", "kl", "elbo_bits_per_dim", "log_likelihood", "bits_per_dim", "complexity_bits")
+        scores: tuple[str, ...] = ("elbo", "recon", "kl", "elbo_bits_per_dim", "log_likelihood", "bits_per_dim")
+        scores += ("complexity_bits",)
         if p.calibration is not None:  # the calibrated OOD score (docs/anomaly.md); is_anomaly as 1.0 / 0.0
             scores += ("ood_score", "p_value", "is_anomaly")
         models.append(

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from service import __version__
 from service.deps import RegistryDep, SettingsDep
 from service.errors import ModelNotReady
+from service.openapi import schema_of
 from service.v2 import catalog, codec, inference
 from service.v2.codec import HEADER, V2Error
 
@@ -35,9 +36,7 @@ INFER_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            codec.JSON: {
-                "schema": codec.InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-            },
+            codec.JSON: {"schema": schema_of(codec.InferenceRequest)},
             codec.BINARY: {"schema": {"type": "string", "format": "binary"}},
         },
         "description": f"JSON, or (with {HEADER}) a JSON header followed by the inputs' binary data",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -322,6 +324,17 @@ async def test_openapi_lists_every_endpoint_with_examples(client) -> None:
         assert path in schema["paths"]
     assert "image/png" in schema["paths"]["/v1/sample"]["get"]["responses"]["200"]["content"]
     assert (await client.get("/docs")).status_code == 200
+
+
+async def test_every_reference_in_the_openapi_schema_resolves(client) -> None:
+    # A dangling $ref renders as "Something went wrong" in ReDoc (the v2 request's nested models once did).
+    schema = (await client.get("/openapi.json")).json()
+    refs = set(re.findall(r'"\$ref": ?"([^"]+)"', json.dumps(schema)))
+    assert refs, "no $ref at all: the check would pass vacuously"
+    for ref in refs:
+        assert ref.startswith("#/components/schemas/"), ref
+        assert ref.rsplit("/", 1)[1] in schema["components"]["schemas"], ref
+    assert "$defs" not in json.dumps(schema["paths"])
 
 
 async def test_index_serves_the_static_page_when_present(settings_for, monkeypatch, tmp_path) -> None:
