@@ -37,5 +37,5 @@ def test_a_quick_run_on_the_shipped_fashion_mnist_model(shared_data: Path, capsy
     )
     out = capsys.readouterr().out
     assert "| fashion-mnist | MNIST digits |" in out and "| fashion-mnist | constant images |" in out
-    assert "calibration stored (5000 held-out images, k=100)" in out
+    assert "calibration stored (2000 held-out images, k=100)" in out
     assert "| fashion-mnist | 64 | 2 |" in out  # the cost table

@@ -35,7 +35,12 @@ def test_the_settings_table_matches_the_code():
 
 
 def test_the_readme_makes_the_images_its_curl_examples_upload(tmp_path):
-    snippet = re.search(r'^python -c "(from PIL import .*?)"$', README, re.MULTILINE | re.DOTALL)
-    assert snippet, "the README's curl block starts with a python -c line that draws digit.png and one.png"
-    subprocess.run([sys.executable, "-c", snippet.group(1)], cwd=tmp_path, check=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["digit.png", "one.png"]
+    # The quick start draws digit.png; the API's curl block draws digit.png and one.png.
+    snippets = re.findall(r'^python -c "(from PIL import .*?)"$', README, re.MULTILINE | re.DOTALL)
+    assert len(snippets) == 2, "the quick start and the curl block each start with a python -c line that draws images"
+    made = []
+    for i, snippet in enumerate(snippets):
+        (tmp_path / str(i)).mkdir()
+        subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path / str(i), check=True)
+        made.append(sorted(p.name for p in (tmp_path / str(i)).iterdir()))
+    assert made == [["digit.png"], ["digit.png", "one.png"]]
