@@ -10,7 +10,7 @@ from service.errors import install_handlers
 from service.lifespan import StartupMessage, lifespan
 from service.metrics import Metrics, MetricsMiddleware
 from service.registry import ModelRegistry
-from service.routes import health, metrics, models, vae, web
+from service.routes import admin, health, metrics, models, vae, web
 from service.security import APIKeyMiddleware, with_security_schemes
 from service.settings import Settings, get_settings
 
@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(vae.router)  # before models: routes are matched in order, and these are the hot ones
     app.include_router(models.router)
+    app.include_router(admin.router)  # 404 for every call unless the settings hold an admin key
     app.include_router(metrics.router)
     web.mount(app)
     if settings.api_key is not None:
@@ -57,7 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Accept", "Authorization", "Content-Type", "X-API-Key"],
-            expose_headers=["Retry-After", "X-Input-Converted"],
+            expose_headers=["Retry-After", "X-Input-Converted", vae.VERSION_HEADER],
         )
     app.add_middleware(MetricsMiddleware, metrics=registry_metrics)
     app.add_middleware(StartupMessage, holder=startup)

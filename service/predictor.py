@@ -126,8 +126,10 @@ class VAEPredictor:
         device: torch.device,
         dtype: torch.dtype,
         max_image_pixels: int = 4096 * 4096,
+        version: str = "1",
     ) -> None:
         self.name = name
+        self.version = version  # which of the model's versions this is: every answer names it
         self.max_image_pixels = max_image_pixels
         self.model = model
         self.card = card
@@ -145,13 +147,14 @@ class VAEPredictor:
         device: torch.device,
         dtype_name: str = "float32",
         max_image_pixels: int = 4096 * 4096,
+        version: str = "1",
     ) -> VAEPredictor:
         """Validate and load `path` (raises checkpoint.CheckpointError). Half precision applies on GPU only."""
         model, card = checkpoint.load(path, device)
         dtype = DTYPES[dtype_name] if device.type == "cuda" else torch.float32
         model = model.to(dtype=dtype)
         model.requires_grad_(False)
-        return cls(name, model, card, path, device, dtype, max_image_pixels)
+        return cls(name, model, card, path, device, dtype, max_image_pixels, version)
 
     def warmup(self) -> None:
         """One small forward of each mergeable op, so the first request pays no lazy-initialisation cost."""
@@ -191,6 +194,7 @@ class VAEPredictor:
         card = self.card
         return {
             "name": self.name,
+            "version": self.version,
             "description": card.get("description"),
             "kind": self.config.kind,
             "likelihood": self.config.likelihood,
@@ -510,7 +514,7 @@ class VAEPredictor:
         never NaN pixels."""
         params = call.params
         encoding: Encoding = getattr(params, "encoding", "png")
-        fields: dict[str, Any] = {"model": self.name}
+        fields: dict[str, Any] = {"model": self.name, "version": self.version}
         if "image" in out and "elbo" not in out:
             z = out.get("z", job.inputs.get("z"))
             if not bool(torch.isfinite(out["image"]).all()) or (z is not None and not bool(torch.isfinite(z).all())):

@@ -64,6 +64,18 @@ class Settings(BaseSettings):
         description="browser origins allowed to call the API (CORS), or `*` for any; default: none, CORS off "
         "(env: comma-separated)",
     )
+    # -- models at run time (docs/models.md) ------------------------------------------------------------------
+    admin_key: SecretStr | None = Field(
+        None,
+        description="when set, the admin API is on: POST /v1/models/{name}/reload, /load and /unload need "
+        "`X-Admin-Key: <key>`; unset, those routes answer 404",
+    )
+    watch_models_s: float = Field(
+        0.0,
+        ge=0,
+        description="every this many seconds, reload the models whose folders changed (and load new ones when "
+        "serving all of models_dir); 0: off",
+    )
     # -- server (used by `python -m service` only) -----------------------------------------------------------
     host: str = Field("127.0.0.1", description="interface to bind")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
@@ -93,7 +105,7 @@ class Settings(BaseSettings):
             return value
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
 
-    @field_validator("api_key")
+    @field_validator("api_key", "admin_key")
     @classmethod
     def _empty_key_is_none(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value() else None
