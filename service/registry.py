@@ -243,6 +243,10 @@ class ServedModel:
     record: Callable[[float | None], None] = field(default=_ignore, repr=False)
     in_flight: int = 0
     _idle: asyncio.Event | None = field(default=None, repr=False)
+    version_bytes: bytes = field(init=False, repr=False)  # the version for a response header, encoded once
+
+    def __post_init__(self) -> None:
+        self.version_bytes = self.version.encode("latin-1")
 
     @property
     def name(self) -> str:

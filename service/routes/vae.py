@@ -38,6 +38,7 @@ from service.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["vae"])
 VERSION_HEADER = "X-Model-Version"
+VERSION_KEY = VERSION_HEADER.lower().encode("latin-1")
 
 
 async def answer(request: Request, call: Call[Any], settings: Settings, registry: ModelRegistry) -> Response:
@@ -63,7 +64,7 @@ async def answer(request: Request, call: Call[Any], settings: Settings, registry
         served.release(None)
         raise
     served.release(time.perf_counter() - started)
-    response.headers[VERSION_HEADER] = served.version
+    response.raw_headers.append((VERSION_KEY, served.version_bytes))  # response.headers[...] = costs ~5 us more
     return response
 
 

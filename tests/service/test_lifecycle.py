@@ -80,8 +80,9 @@ def settings(root: Path, **overrides: Any) -> Settings:
     return Settings(**{**values, **overrides})
 
 
-async def decode(client: httpx.AsyncClient, model: str, z: list[list[float]]) -> httpx.Response:
-    return await client.post(f"/v1/decode?model={model}", json={"latents": z, "encoding": "pixels"})
+async def decode(client: httpx.AsyncClient, model: str | None, z: list[list[float]]) -> httpx.Response:
+    query = "" if model is None else f"?model={model}"
+    return await client.post(f"/v1/decode{query}", json={"latents": z, "encoding": "pixels"})
 
 
 def computed_by(oracle: VAE, z: list[list[float]], pixels: list[Any]) -> bool:
@@ -263,6 +264,41 @@ async def test_a_fixed_folder_clears_the_error(root: Path, weights) -> None:
         assert (await client.post("/v1/models/swap/reload", headers=ADMIN)).json()["loaded"] == ["3"]
         assert (await client.get("/v1/models/swap")).json()["load_error"] is None
         assert 'vae_model_load_failing{model="swap"} 0.0' in (await client.get("/metrics")).text
+
+
+async def test_the_rollout_recipe(root: Path, weights, oracles) -> None:
+    """docs/models.md's recipe, step by step: flat -> version 1 (nothing reloaded), pin it, v2 in beside it, try v2
+    by name, switch the default, retire v1."""
+    z = seeded_latents(3)
+    folder = root / "tiny"
+    async with serve(settings(root)) as (_, client):
+
+        async def reload() -> dict[str, Any]:
+            r = await client.post("/v1/models/tiny/reload", headers=ADMIN)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        async def answered_by(model: str) -> str:
+            body = (await decode(client, model, z)).json()
+            assert computed_by(oracles["ab"[body["version"] == "2"]], z, body["pixels"])
+            return body["version"]
+
+        (folder / "1").mkdir()
+        for name in (checkpoint.WEIGHTS_FILE, checkpoint.CARD_FILE):
+            os.replace(folder / name, folder / "1" / name)
+        assert (await reload())["loaded"] == []  # the same card: version 1 serves on, untouched
+        (folder / "versions.json").write_text('{"default": "1"}')
+        put_version(folder, "2", weights["b"])
+        change = await reload()
+        assert (change["loaded"], change["default_version"]) == (["2"], "1")
+        assert (await answered_by("tiny@2"), await answered_by("tiny")) == ("2", "1")
+        (folder / "versions.json").write_text('{"default": "2"}')
+        change = await reload()
+        assert (change["loaded"], change["unloaded"], change["default_version"]) == ([], [], "2")
+        assert await answered_by("tiny") == "2"
+        shutil.move(folder / "1", root.parent / "archive-1")
+        assert (await reload())["unloaded"] == ["1"]
+        assert (await answered_by("tiny"), await answered_by(None)) == ("2", "2")
 
 
 # -- in flight: drained, never moved -----------------------------------------------------------------------------------
