@@ -218,10 +218,13 @@ def check(predictor: VAEPredictor, warmup: bool) -> None:
         predictor.warmup()
 
 
-def release_memory() -> None:
-    """After versions are dropped: collect what they left in reference cycles and hand the heap's free pages back to
-    the system (glibc's malloc_trim; nothing more without glibc)."""
+def release_memory(device: torch.device) -> None:
+    """After versions are dropped: collect what they left in reference cycles, hand the heap's free pages back to the
+    system (glibc's malloc_trim; nothing more without glibc) and, on CUDA, the allocator's cached blocks to the
+    device."""
     gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     try:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -293,6 +296,11 @@ class ModelState:
     unloaded: bool = False  # unloaded at run time: the watch leaves it alone until it is loaded again
     seen: Fingerprint = ()  # the folder's fingerprint when it was last read
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+    def serves(self, version: str, card: dict[str, Any]) -> bool:
+        """Whether `version` is serving with this very card (weights' sha256 included): a reload leaves it alone."""
+        served = self.versions.get(version)
+        return served is not None and served.predictor.card == card
 
 
 @dataclass
@@ -453,10 +461,10 @@ class ModelRegistry:
         """Re-read a served model's folder and serve what it holds now: new versions loaded beside the old ones,
         changed ones replaced, removed ones drained; the default version as versions.json says, else the newest."""
         state = self.states.get(name)
-        if state is None or state.default is None:
-            raise self._missing(name) if NAME.fullmatch(name) else self._unknown(name)
+        if state is None:
+            raise self._unknown(name)
         async with state.lock:
-            if state.default is None:  # unloaded while this call waited for the lock
+            if state.default is None:  # not served (or unloaded while this call waited for the lock)
                 raise self._missing(name)
             return await self._sync(state)
 
@@ -563,8 +571,7 @@ class ModelRegistry:
             scan = await asyncio.to_thread(scan_folder, name, state.folder)
             try:
                 for version, path in scan.versions.items():
-                    current = state.versions.get(version)
-                    if current is None or current.predictor.card != scan.cards[version]:
+                    if not state.serves(version, scan.cards[version]):
                         fresh[version] = await self._start_version(name, version, path, scan.flat)
             except BaseException:
                 for served in fresh.values():
@@ -581,14 +588,9 @@ class ModelRegistry:
         versions = {version: fresh.get(version) or state.versions[version] for version in scan.versions}
         gone = [served for version, served in state.versions.items() if versions.get(version) is not served]
         change = Change(name, scan.default, list(versions), list(fresh), [served.version for served in gone])
-        state.versions, state.default, state.error, state.unloaded, state.seen = (
-            versions,
-            scan.default,
-            None,
-            False,
-            seen,
-        )
-        del versions, fresh
+        state.versions, state.default = versions, scan.default
+        state.error, state.unloaded, state.seen = None, False, seen
+        del versions, fresh  # from here on, only `gone` holds the versions that leave
         self._publish()
         self.observer.load_result(name, True)
         self.observer.versions_served(name, len(change.versions))
@@ -664,4 +666,4 @@ class ModelRegistry:
         gone.clear()
         for model, version in retired:
             self.observer.version_unloaded(model, version)
-        await asyncio.to_thread(release_memory)
+        await asyncio.to_thread(release_memory, self._device)
