@@ -35,11 +35,13 @@ WORKDIR /src
 RUN --mount=type=cache,target=/root/.cache/pip \
     if [ -n "$TORCH_INDEX_URL" ]; then export PIP_INDEX_URL="$TORCH_INDEX_URL"; fi \
     && pip install --no-deps torch=="${TORCH_VERSION}"
-# Dependencies before sources so a code change reuses this layer. deploy/constraints.txt pins every version.
-COPY pyproject.toml deploy/constraints.txt ./
+# Dependencies before sources so a code change reuses this layer. constraints.txt pins every version (the same pins
+# as a clone's `pip install -c constraints.txt`), less its torch line: TORCH_VERSION above chose the build.
+COPY pyproject.toml constraints.txt ./
 RUN --mount=type=cache,target=/root/.cache/pip \
     python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
         > requirements.txt \
+    && sed -i '/^torch==/d' constraints.txt \
     && pip install -c constraints.txt -r requirements.txt \
     && python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
 # Neither serving nor training loads torch's C++ headers, CMake files or C++ test binaries (~190 MB of the CPU wheel).
@@ -66,8 +68,11 @@ FROM app AS train
 ENV VAE_DATA_ROOT=/data \
     MPLCONFIGDIR=/tmp/matplotlib
 COPY --from=train-builder /opt/venv /opt/venv
+# The bundled checkpoints too: whichever of compose's `api` and `train` first mounts the empty `checkpoints` volume
+# fills it from its image, and `api` must find its models there after a train-first start as well.
+COPY --chown=10001:10001 checkpoints ./checkpoints
 COPY model ./model
-RUN install -d -o vae -g vae /app/checkpoints /data
+RUN install -d -o vae -g vae /data
 USER 10001:10001
 ENTRYPOINT ["python", "-m", "model.train"]
 CMD ["--help"]
@@ -87,7 +92,8 @@ COPY deploy/healthcheck.py ./deploy/healthcheck.py
 COPY model ./model
 COPY service ./service
 USER 10001:10001
-EXPOSE 8000
+# HTTP (/v1, /v2 REST), and the Open Inference Protocol's gRPC service (VAE_GRPC_PORT)
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 CMD ["python", "/app/deploy/healthcheck.py"]
 # Exec form: the server is PID 1 and gets SIGTERM itself; uvicorn drains in-flight requests, then exits.
 STOPSIGNAL SIGTERM

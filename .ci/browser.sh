@@ -26,7 +26,7 @@ fi
 
 if ! "$PYTHON" -c "import playwright.sync_api" >/dev/null 2>&1; then
     echo "browser.sh: installing Playwright for Python"
-    "$PYTHON" -m pip install -q --disable-pip-version-check "playwright>=1.40"
+    "$PYTHON" -m pip install -q --disable-pip-version-check -c "$(dirname "$0")/../constraints.txt" playwright
 fi
 
 # Debian's wrapper script may print a shell warning before the version; keep the version line only.

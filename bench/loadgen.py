@@ -73,6 +73,16 @@ def multipart_request(
     return head.encode() + body
 
 
+def post_request(port: int, path: str, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> bytes:
+    """POST `path` with a body of its own kind (a raw tensor, JSON)."""
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n"
+    )
+    return head.encode() + body
+
+
 def cuda_missing(device: str) -> bool:
     """True, after saying so, when `device` asks for CUDA and this machine has none: the benchmark then skips."""
     if not device.startswith("cuda"):
@@ -97,6 +107,15 @@ def digit_png(size: tuple[int, int] = (28, 28), channels: int = 1, variant: int 
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def digit_pixels(size: tuple[int, int] = (28, 28), channels: int = 1, variant: int = 0) -> Any:
+    """digit_png's pixels as a uint8 numpy array (C, H, W): the same image as a raw tensor body."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(digit_png(size, channels, variant))))
+    return np.ascontiguousarray(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1))
 
 
 # -- the load ----------------------------------------------------------------------------------------------------------
@@ -350,9 +369,12 @@ class Server:
         self.stop()
 
 
-def service_command(checkpoint: Path, port: int, *flags: str) -> list[str]:
-    """`python -m service` serving one checkpoint quietly on loopback (no access log, warnings only)."""
+def service_command(checkpoint: Path, port: int, *flags: str, grpc_off: bool = True) -> list[str]:
+    """`python -m service` serving one checkpoint quietly on loopback (no access log, warnings only), without its
+    gRPC port (which would collide between servers; `grpc_off=False` for a source tree older than the flag)."""
     ckpt = Path(checkpoint).resolve()
+    if grpc_off:
+        flags = (*flags, "--no-grpc")
     return [
         sys.executable,
         "-m",

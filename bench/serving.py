@@ -1,6 +1,8 @@
 """The service under load, side by side with the alternatives, on loopback: single-image `POST /v1/encode` (a PNG
 upload) and `GET /v1/sample?n=1` from 1, 16, 64 and 256 concurrent clients, `GET /healthz` at 64 (each server's
-HTTP-stack ceiling), and bulk encode requests of 256 PNGs against the in-process limit, for
+HTTP-stack ceiling), bulk encode requests of 256 PNGs against the in-process limit, and the binary path (ours only):
+single-image encode at 64 clients and bulk encode of 256 images as a raw uint8 tensor body with a tensor answer
+(`POST /v1/encode?shape=...&dtype=uint8`, docs/binary-tensors.md), for
 
     ours          python -m service, as configured by default (batching on), access log off
     ours-nobatch  the same with --no-batching
@@ -14,6 +16,7 @@ server at a time, the servers interleaved cell by cell so that a busy moment hit
     python bench/serving.py --checkpoint checkpoints/mnist --repeat 3            # medians of 3 runs
     python bench/serving.py --servers ours plain --clients 64 --duration 3       # a quick look
     python bench/serving.py --device cuda --servers ours ours-nobatch            # skips cleanly without CUDA
+    python bench/serving.py --servers ours --clients 64 --bulk-clients 1 4       # the binary path against PNG
 
 The peers run in their own environment, .bench-venv/ (torch==2.13.0 first, then bench/peers/requirements.txt),
 made on first use. Every run is bounded by --duration seconds and --requests answers. Prints one table (medians
@@ -29,8 +32,10 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -75,7 +80,8 @@ def server_command(name: str, args: argparse.Namespace, port: int) -> tuple[list
         flags += ["--no-batching"] if name == "ours-nobatch" else []
         if name == "ours-baseline":  # the same service from another source tree, e.g. a git worktree
             src = Path(args.baseline).resolve()
-            return loadgen.service_command(args.checkpoint, port, *flags), {"PYTHONPATH": str(src)}, src
+            command = loadgen.service_command(args.checkpoint, port, *flags, grpc_off=has_grpc_flag(src))
+            return command, {"PYTHONPATH": str(src)}, src
         return loadgen.service_command(args.checkpoint, port, *flags), env, REPO
     script = {"plain": "plain_fastapi.py", "litserve": "litserve_app.py"}[name]
     command = [
@@ -90,6 +96,11 @@ def server_command(name: str, args: argparse.Namespace, port: int) -> tuple[list
     if name == "litserve":
         command += ["--batch-timeout", str(args.litserve_batch_timeout)]
     return command, env, REPO
+
+
+def has_grpc_flag(src: Path) -> bool:
+    """Whether the service in source tree `src` has a gRPC port to turn off (it came with the v2 protocol)."""
+    return (src / "service" / "v2").is_dir()
 
 
 def requests_for(name: str, port: int, png: bytes, bulk_images: int) -> dict[str, bytes]:
@@ -108,6 +119,38 @@ def requests_for(name: str, port: int, png: bytes, bulk_images: int) -> dict[str
         "healthz": loadgen.get_request(port, "/healthz"),
         "bulk encode": loadgen.multipart_request(port, "/v1/encode", [png] * bulk_images),
     }
+
+
+# -- the binary path: one request builder per protocol -----------------------------------------------------------------
+def v1_tensor_request(port: int, images: Any) -> bytes:
+    """/v1/encode with a raw uint8 tensor body (N, C, H, W), answered with a raw float32 tensor of the means."""
+    shape = ",".join(str(n) for n in images.shape)
+    return loadgen.post_request(
+        port,
+        f"/v1/encode?shape={shape}&dtype=uint8",
+        images.tobytes(),
+        "application/octet-stream",
+        {"Accept": "application/octet-stream"},
+    )
+
+
+# (port, uint8 images (N, C, H, W)) -> one encode request. Each entry adds an "encode <name>" cell at
+# --binary-clients and a "bulk encode <name>" cell at --bulk-clients, for our servers. The v2 binary cell is one
+# more entry once service/v2 lands: a builder of `POST /v2/models/{name}-encoder/infer` whose JSON header
+# (Inference-Header-Content-Length) names the UINT8 input and asks for binary outputs, followed by the bytes.
+BINARY_BUILDERS: dict[str, Callable[[int, Any], bytes]] = {"v1 tensor": v1_tensor_request}
+BINARY_SERVERS = ("ours", "ours-nobatch")  # the peers speak no binary protocol; a --baseline build may not either
+
+
+def binary_requests(port: int, pixels: Any, bulk_images: int) -> dict[str, bytes]:
+    """The binary cells' requests: one image, and `bulk_images` of them, per protocol in BINARY_BUILDERS."""
+    import numpy as np
+
+    requests = {}
+    for name, build in BINARY_BUILDERS.items():
+        requests[f"encode {name}"] = build(port, pixels[None])
+        requests[f"bulk encode {name}"] = build(port, np.repeat(pixels[None], bulk_images, axis=0))
+    return requests
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -157,14 +200,28 @@ def run_cell(
 
 def plan(args: argparse.Namespace) -> list[tuple[str, int]]:
     cells = [(scenario, c) for scenario in ("encode", "sample?n=1") for c in args.clients]
+    cells += [(f"encode {protocol}", c) for protocol in args.binary for c in args.binary_clients]
     cells.append(("healthz", 64))
     cells += [("bulk encode", c) for c in args.bulk_clients]
+    cells += [(f"bulk encode {protocol}", c) for protocol in args.binary for c in args.bulk_clients]
     return cells
 
 
-def run_all(args: argparse.Namespace, png: bytes) -> dict[tuple[str, int, str], Cell]:
+def is_bulk(scenario: str) -> bool:
+    return scenario.startswith("bulk encode")
+
+
+def runs_on(scenario: str, server: str) -> bool:
+    """The peers run the single-request loads; bulk loads are ours only, binary loads BINARY_SERVERS only."""
+    if any(scenario.endswith(f"encode {protocol}") for protocol in BINARY_BUILDERS):
+        return server in BINARY_SERVERS
+    return not is_bulk(scenario) or server.startswith("ours")
+
+
+def run_all(args: argparse.Namespace, png: bytes, pixels: Any) -> dict[tuple[str, int, str], Cell]:
     cells: dict[tuple[str, int, str], Cell] = defaultdict(Cell)
     servers: dict[str, loadgen.Server] = {}
+    loads: dict[str, dict[str, bytes]] = {}
     try:
         for name in args.servers:
             port = loadgen.free_port()
@@ -172,19 +229,21 @@ def run_all(args: argparse.Namespace, png: bytes) -> dict[tuple[str, int, str], 
             ready = "/readyz" if name.startswith("ours") else "/healthz"
             print(f"starting {name} on port {port} ...", flush=True)
             servers[name] = loadgen.Server(name, command, port, ready, env=env, cwd=cwd)
+            loads[name] = requests_for(name, port, png, args.bulk_images)
+            loads[name] |= binary_requests(port, pixels, args.bulk_images) if name in BINARY_SERVERS else {}
         for repeat in range(args.repeat):
             for scenario, clients in plan(args):
                 for name, server in servers.items():
-                    if scenario == "bulk encode" and not name.startswith("ours"):
+                    if not runs_on(scenario, name):
                         continue
-                    request = requests_for(name, server.port, png, args.bulk_images)[scenario]
-                    budget = args.requests if scenario != "bulk encode" else max(1, args.requests // args.bulk_images)
+                    request = loads[name][scenario]
+                    budget = args.requests if not is_bulk(scenario) else max(1, args.requests // args.bulk_images)
                     result, cpu = run_cell(server, request, clients, args, budget)
                     cell = cells[(scenario, clients, name)]
                     cell.results.append(result)
                     cell.cpu_us.append(cpu)
                     print(
-                        f"  [{repeat + 1}/{args.repeat}] {scenario:11s} {clients:4d} clients {name:13s} "
+                        f"  [{repeat + 1}/{args.repeat}] {scenario:22s} {clients:4d} clients {name:13s} "
                         f"{result.rps:8.0f} req/s  p99 {result.percentile(99):7.1f} ms  errors {result.errors}",
                         flush=True,
                     )
@@ -199,7 +258,7 @@ def report(cells: dict[tuple[str, int, str], Cell], bulk_images: int) -> str:
     rows = []
     for (scenario, clients, name), cell in cells.items():
         rps = cell.median("rps")
-        shown = f"{rps:,.0f}" if scenario != "bulk encode" else f"{rps:,.1f} ({rps * bulk_images:,.0f} img/s)"
+        shown = f"{rps:,.0f}" if not is_bulk(scenario) else f"{rps:,.1f} ({rps * bulk_images:,.0f} img/s)"
         rows.append(
             [
                 scenario,
@@ -229,7 +288,12 @@ def report(cells: dict[tuple[str, int, str], Cell], bulk_images: int) -> str:
     return loadgen.table(headers, rows, "lrlrrrrrrr")
 
 
-def targets(cells: dict[tuple[str, int, str], Cell], limit_images_per_s: float | None, bulk_images: int) -> list[str]:
+def targets(
+    cells: dict[tuple[str, int, str], Cell],
+    limit_images_per_s: float | None,
+    bulk_images: int,
+    tensor_limit_images_per_s: float | None = None,
+) -> list[str]:
     """The issue's targets, each with the measured figures behind it (cells that did not run are left out)."""
 
     def get(scenario: str, clients: int, name: str) -> Cell | None:
@@ -272,6 +336,29 @@ def targets(cells: dict[tuple[str, int, str], Cell], limit_images_per_s: float |
                     f"{cell.median('rps') * bulk_images:,.0f} images/s = {share:.0%} of the in-process "
                     f"limit {limit_images_per_s:,.0f} (target >= 60%: {'met' if share >= 0.6 else 'missed'})"
                 )
+    for protocol in BINARY_BUILDERS:
+        binary = get(f"encode {protocol}", 64, "ours")
+        if ours is not None and binary is not None:
+            ratio = binary.median("rps") / ours.median("rps")
+            lines.append(
+                f"single-image encode at 64 clients, {protocol} vs the PNG upload: {binary.median('rps'):,.0f} vs "
+                f"{ours.median('rps'):,.0f} req/s = {ratio:.2f}x, p99 {binary.median('p99'):.1f} vs "
+                f"{ours.median('p99'):.1f} ms (target >= 1x: {'met' if ratio >= 1 else 'missed'})"
+            )
+        for (scenario, clients, name), cell in cells.items():
+            if scenario != f"bulk encode {protocol}" or name != "ours":
+                continue
+            images_per_s = cell.median("rps") * bulk_images
+            against = [(tensor_limit_images_per_s, "uint8 tensor"), (limit_images_per_s, "PNG")]
+            shares = [(images_per_s / limit, what, limit) for limit, what in against if limit]
+            if shares:
+                share = shares[0][0]
+                said = "; ".join(f"{s:.0%} of the {what} in-process limit {limit:,.0f}" for s, what, limit in shares)
+                lines.append(
+                    f"bulk encode, {protocol} ({bulk_images} images per request, {clients} client(s)): "
+                    f"{images_per_s:,.0f} images/s = {said} (target >= 80% of the first: "
+                    f"{'met' if share >= 0.8 else 'missed'})"
+                )
     return lines
 
 
@@ -292,8 +379,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="torch intra-op threads for every server (default: torch's choice, as ours is by default)",
     )
-    p.add_argument("--bulk-images", type=int, default=256, help="PNGs per bulk encode request")
+    p.add_argument("--bulk-images", type=int, default=256, help="images per bulk encode request")
     p.add_argument("--bulk-clients", type=int, nargs="*", default=[1, 4], help="clients for the bulk runs")
+    p.add_argument(
+        "--binary", nargs="*", default=list(BINARY_BUILDERS), choices=list(BINARY_BUILDERS), help="binary protocols"
+    )
+    p.add_argument("--binary-clients", type=int, nargs="*", default=[64], help="clients for single-image binary runs")
     p.add_argument("--litserve-batch-timeout", type=float, default=0.005, help="LitServe's batch_timeout (s)")
     p.add_argument("--device", default="cpu", help="device for ours (cuda: the peers are left out)")
     p.add_argument(
@@ -318,11 +409,14 @@ def main(argv: list[str] | None = None) -> None:
 
     predictor = inprocess.load_predictor(args.checkpoint, args.device, args.threads)
     c, h, w = predictor.input_shape
-    png = loadgen.digit_png((w, h), c)
+    png, pixels = loadgen.digit_png((w, h), c), loadgen.digit_pixels((w, h), c)
     limit = inprocess.bulk_limit(predictor, png, args.bulk_images) if args.bulk_clients else None
+    tensor_limit = None
+    if args.bulk_clients and args.binary:
+        tensor_limit = inprocess.bulk_tensor_limit(predictor, pixels, args.bulk_images)
     del predictor
     started = time.monotonic()
-    cells = run_all(args, png)
+    cells = run_all(args, png, pixels)
     print(
         f"\n{Path(args.checkpoint).resolve().name}, {len(png)}-byte PNG, torch threads "
         f"{args.threads or 'default'}, {args.duration:g} s per run, {args.repeat} repeat(s), "
@@ -334,10 +428,18 @@ def main(argv: list[str] | None = None) -> None:
             f"\nin-process limit, bulk encode of {limit.batch} PNGs (decode + one forward): "
             f"{limit.images_per_s:,.0f} images/s"
         )
-    print(
-        "\n"
-        + "\n".join(f"- {line}" for line in targets(cells, limit.images_per_s if limit else None, args.bulk_images))
+    if tensor_limit is not None:
+        print(
+            f"in-process limit, bulk encode of a ({tensor_limit.batch}, {c}, {h}, {w}) uint8 tensor (bytes -> input "
+            f"+ one forward): {tensor_limit.images_per_s:,.0f} images/s"
+        )
+    found = targets(
+        cells,
+        limit.images_per_s if limit else None,
+        args.bulk_images,
+        tensor_limit.images_per_s if tensor_limit else None,
     )
+    print("\n" + "\n".join(f"- {line}" for line in found))
 
 
 if __name__ == "__main__":

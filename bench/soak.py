@@ -106,7 +106,8 @@ def pool(checkpoint: Path, size: int) -> list[Known]:
                 Known(f"decode #{i}", http("POST", "/v1/decode", body, "application/json"), "pixels", expected)
             )
         else:
-            expected = p.predict("decode", {"z": p.noise(1, generator(i))})["image"].tolist()
+            eps = p.prior_noise(1, generator(i))
+            expected = p.predict("sample", {"eps": eps, "temperature": torch.ones(1)})["image"].tolist()
             raw = http("GET", f"/v1/sample?n=1&seed={i}&encoding=pixels")
             known.append(Known(f"sample seed={i}", raw, "pixels", expected))
     return known

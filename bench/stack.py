@@ -101,7 +101,7 @@ async def cpu_us_per_request(app: ASGIApp, request: tuple[str, str, dict[str, st
 def variants(checkpoint: Path) -> dict[str, Callable[[], Any]]:
     """Apps to measure: ours, plain, and ours without each layer around the route."""
     path = checkpoint.resolve()
-    settings = Settings(models=[str(path)], default_model=path.name, warmup=True)
+    settings = Settings(models=[str(path)], default_model=path.name, warmup=True, grpc=False)
 
     def ours_without(*layers: str) -> Any:
         app = create_app(settings)

@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         command = [
             sys.executable, "-m", "service", "--models-dir", tmp, "--admin-key", KEY, "--host", loadgen.HOST,
             "--port", str(port), "--no-access-log", "--log-level", "warning", "--cpu-threads", str(args.cpu_threads),
+            "--no-grpc",
         ]  # fmt: skip
         rows, tallies, problems, windows = [], {}, [], []
         with loadgen.Server("swaps", command, port, ready_path="/readyz") as server:

@@ -1,7 +1,8 @@
 """Where a server's CPU goes, thread by thread: CPU time per answered request of every thread of `python -m service`
-under a closed-loop load, from /proc/<pid>/task/*/stat (Linux), for single-image `POST /v1/encode` and
-`GET /healthz`. The event loop is the process's main thread; the others are the forward's worker thread and the
-helper threads of torch's intra-op pool (OpenMP), which spin between parallel regions. Prints one table.
+under a closed-loop load, from /proc/<pid>/task/*/stat (Linux), for single-image `POST /v1/encode` (a PNG upload,
+or a raw uint8 tensor with `--loads "encode v1 tensor"`) and `GET /healthz`. The event loop is the process's main
+thread; the others are the forward's worker thread and the helper threads of torch's intra-op pool (OpenMP), which
+spin between parallel regions. Prints one table.
 
     python bench/threads.py                                   # encode and healthz at 64 clients, 6 s each
     python bench/threads.py --clients 16 --loads encode
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", default="checkpoints/mnist")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--duration", type=float, default=6.0, help="seconds of load per run (after 1 s of warm-up)")
-    p.add_argument("--loads", nargs="+", choices=("encode", "healthz"), default=["encode", "healthz"])
+    binary = [f"encode {protocol}" for protocol in serving.BINARY_BUILDERS]  # e.g. "encode v1 tensor"
+    p.add_argument("--loads", nargs="+", choices=("encode", "healthz", *binary), default=["encode", "healthz"])
     p.add_argument("flags", nargs="*", help="extra flags for python -m service (after --)")
     args = p.parse_args(argv)
     if not Path("/proc/self/task").is_dir():
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with loadgen.Server("ours", command, port, "/readyz", env={"PYTHONPATH": str(loadgen.REPO)}) as server:
         requests = serving.requests_for("ours", port, loadgen.digit_png(), bulk_images=1)  # the same requests
+        requests |= serving.binary_requests(port, loadgen.digit_pixels(), bulk_images=1)
         for load in args.loads:
             loadgen.run(port, requests[load], args.clients, 10**6, 1.0)
             before = thread_cpu_seconds(server.pid)

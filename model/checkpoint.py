@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load as load_bytes
@@ -33,7 +34,7 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used: missing file, bad hash, unknown version, or config/weights mismatch."""
 
 
-def sha256_file(path: str | os.PathLike) -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -51,7 +52,7 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write JSON via a temporary file and rename, so a crash never leaves half a card."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
@@ -61,14 +62,14 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def save(model: torch.nn.Module, card: dict, directory: str | os.PathLike) -> dict:
+def save(model: torch.nn.Module, card: dict[str, Any], directory: str | os.PathLike[str]) -> dict[str, Any]:
     """Write weights and card into `directory` (created if needed); returns the card as written.
 
     `card` carries everything but the format version, the config and the weights' hash, which are filled in here.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config: VAEConfig = getattr(model, "module", model).config
+    config = cast(VAEConfig, getattr(model, "module", model).config)
     weights = directory / WEIGHTS_FILE
     tmp = directory / f".{WEIGHTS_FILE}.tmp"
     save_file(clean_state_dict(model.state_dict()), str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
@@ -84,7 +85,7 @@ def save(model: torch.nn.Module, card: dict, directory: str | os.PathLike) -> di
     return card
 
 
-def read_card(directory: str | os.PathLike) -> dict:
+def read_card(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The model card alone, validated for format version and config (no weights are read)."""
     directory = Path(directory)
     path = directory / CARD_FILE
@@ -110,7 +111,7 @@ def read_card(directory: str | os.PathLike) -> dict:
     return card
 
 
-def update_card(directory: str | os.PathLike, **sections: dict) -> dict:
+def update_card(directory: str | os.PathLike[str], **sections: Any) -> dict[str, Any]:
     """Merge sections (e.g. metrics=...) into an existing card, keeping everything else."""
     card = read_card(directory)
     for key, value in sections.items():
@@ -119,7 +120,7 @@ def update_card(directory: str | os.PathLike, **sections: dict) -> dict:
     return card
 
 
-def load(directory: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[VAE, dict]:
+def load(directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[VAE, dict[str, Any]]:
     """Validate and load a checkpoint -> (model in eval mode on `device`, card)."""
     directory = Path(directory)
     card = read_card(directory)

@@ -6,6 +6,7 @@ inputs. Nothing here downloads unless asked (`download`), and every download is 
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import shutil
 import struct
@@ -39,8 +40,12 @@ class DatasetSpec:
     likelihood: str  # the decoder that fits the data: "bernoulli" (binarised) or "gaussian" (continuous)
 
 
-_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-                "t10k-labels-idx1-ubyte.gz")  # fmt: skip
+_MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 DATASETS: dict[str, DatasetSpec] = {
     "mnist": DatasetSpec(
         "mnist",
@@ -55,7 +60,7 @@ DATASETS: dict[str, DatasetSpec] = {
                     "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
                 ),
             )
-        ),  # fmt: skip
+        ),
         ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
         (1, 28, 28),
         "bernoulli",
@@ -73,7 +78,7 @@ DATASETS: dict[str, DatasetSpec] = {
                     "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
                 ),
             )
-        ),  # fmt: skip
+        ),
         ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
         (1, 28, 28),
         "bernoulli",
@@ -115,20 +120,20 @@ def default_data_root() -> str:
 
 
 # -- file formats ------------------------------------------------------------------------------------------------
-def _open_maybe_gzip(path: Path):
+def _open_maybe_gzip(path: Path) -> gzip.GzipFile | io.BufferedReader:
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
     return gzip.open(path, "rb") if gzipped else open(path, "rb")
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an IDX file (LeCun's MNIST format), gzipped or not, into a numpy array of its stored shape."""
     path = Path(path)
     with _open_maybe_gzip(path) as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise ValueError(f"{path} is not an IDX file (bad magic number)")
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    dtypes: dict[int, str] = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if data[2] not in dtypes:
         raise ValueError(f"{path}: unknown IDX data type 0x{data[2]:02x}")
     ndim = data[3]
@@ -141,7 +146,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def read_frey_face(path: str | os.PathLike) -> np.ndarray:
+def read_frey_face(path: str | os.PathLike[str]) -> np.ndarray:
     """frey_rawface.mat -> uint8 (1965, 28, 20). The file holds one variable `ff` of shape (560, 1965)."""
     from scipy.io import loadmat  # reading a .mat with scipy runs no code from the file
 
@@ -149,7 +154,7 @@ def read_frey_face(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(ff.T.reshape(-1, 28, 20))
 
 
-def read_image_folder(directory: str | os.PathLike, input_shape: tuple[int, int, int]) -> torch.Tensor:
+def read_image_folder(directory: str | os.PathLike[str], input_shape: tuple[int, int, int]) -> torch.Tensor:
     """Every PNG/JPEG under `directory` (sorted, recursive), converted like the service does -> uint8 (N, C, H, W)."""
     from PIL import Image
 
@@ -166,11 +171,11 @@ def read_image_folder(directory: str | os.PathLike, input_shape: tuple[int, int,
 
 
 # -- datasets ----------------------------------------------------------------------------------------------------
-def dataset_dir(name: str, root: str | os.PathLike | None = None) -> Path:
+def dataset_dir(name: str, root: str | os.PathLike[str] | None = None) -> Path:
     return Path(root or default_data_root()) / name
 
 
-def _find(spec: DatasetSpec, root: str | os.PathLike | None) -> dict[str, Path]:
+def _find(spec: DatasetSpec, root: str | os.PathLike[str] | None) -> dict[str, Path]:
     """Each expected file's path, accepting the gzipped name or its uncompressed twin."""
     directory = dataset_dir(spec.name, root)
     found, missing = {}, []
@@ -200,8 +205,8 @@ def _split(n: int, test_fraction: float, seed: int = SPLIT_SEED) -> tuple[torch.
 
 def load_dataset(
     name: str,
-    root: str | os.PathLike | None = None,
-    image_dir: str | os.PathLike | None = None,
+    root: str | os.PathLike[str] | None = None,
+    image_dir: str | os.PathLike[str] | None = None,
     input_shape: tuple[int, int, int] | None = None,
 ) -> ImageData:
     """Load a named dataset ("mnist", "fashion-mnist", "frey-face") or, for "folder", the images in `image_dir`."""
@@ -236,7 +241,7 @@ def fixed_binarized(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 
 # -- downloads ---------------------------------------------------------------------------------------------------
-def download(name: str, root: str | os.PathLike | None = None, mirrors: tuple[str, ...] | None = None) -> Path:
+def download(name: str, root: str | os.PathLike[str] | None = None, mirrors: tuple[str, ...] | None = None) -> Path:
     """Fetch a dataset's files from its canonical URLs (or `mirrors`), verifying each file's sha256.
 
     A file already present with the right hash is kept. A download with the wrong hash is deleted and the next

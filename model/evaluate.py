@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -17,12 +18,13 @@ from model.losses import bits_per_dim
 from model.metrics import full_metrics
 
 
-def load_test_set(card: dict, data_root: str, image_dir: str | None = None) -> torch.Tensor:
+def load_test_set(card: dict[str, Any], data_root: str, image_dir: str | None = None) -> torch.Tensor:
     """The test images exactly as training measured them (fixed-seed binarisation for Bernoulli models)."""
     config = card["config"]
     name = card["dataset"]["name"]
-    data = load_dataset(name, data_root, image_dir or card["training"]["config"].get("image_dir"),
-                        tuple(config["input_shape"]))  # fmt: skip
+    data = load_dataset(
+        name, data_root, image_dir or card["training"]["config"].get("image_dir"), tuple(config["input_shape"])
+    )
     test = to_float(data.test)
     return fixed_binarized(test, seed=0) if config["likelihood"] == "bernoulli" else test
 
@@ -40,8 +42,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-dir", default=None, help="for checkpoints trained on --dataset folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads per op (with --workers 1)")
-    p.add_argument("--workers", type=int, default=1, help="share the test batches out to this many single-threaded "
-                   "workers (faster than --threads on busy cores)")  # fmt: skip
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="share the test batches out to this many single-threaded workers (faster than --threads on busy cores)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object (elbo, nll, k, n) instead of a table")
     p.add_argument("--no-update", action="store_true", help="do not write the figures into the card")
@@ -61,12 +67,26 @@ def main(argv: list[str] | None = None) -> None:
     seconds = round(time.time() - started, 1)
     nll = metrics.get("test_nll")
     if a.json:
-        print(json.dumps({"elbo": metrics["test_elbo"], "nll": nll, "k": a.k if nll is not None else None,
-                          "n": len(x), "seconds": seconds}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "elbo": metrics["test_elbo"],
+                    "nll": nll,
+                    "k": a.k if nll is not None else None,
+                    "n": len(x),
+                    "seconds": seconds,
+                }
+            )
+        )
     else:
-        rows = [("checkpoint", a.checkpoint), ("test images", len(x)), ("ELBO (nats)", metrics["test_elbo"]),
-                ("  reconstruction", metrics["test_recon"]), ("  KL", metrics["test_kl"]),
-                ("active units", metrics["active_units"])]  # fmt: skip
+        rows = [
+            ("checkpoint", a.checkpoint),
+            ("test images", len(x)),
+            ("ELBO (nats)", metrics["test_elbo"]),
+            ("  reconstruction", metrics["test_recon"]),
+            ("  KL", metrics["test_kl"]),
+            ("active units", metrics["active_units"]),
+        ]
         if nll is not None:
             rows += [(f"NLL, k={a.k} (nats)", nll), ("bits/dim", round(bits_per_dim(nll, model.config.input_dim), 5))]
         rows.append(("seconds", seconds))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
+from model.priors import log_normal as log_normal  # the Gaussian density the KL and the weights use
 from model.vae import VAE, VAEOutput, randn
-
-LOG_2PI = math.log(2 * math.pi)
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -21,11 +21,19 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
 
 
-def log_normal(z: torch.Tensor, mu: torch.Tensor | None = None, logvar: torch.Tensor | None = None) -> torch.Tensor:
-    """log N(z; mu, diag(exp(logvar))) summed over the last dimension; the standard normal when mu/logvar are None."""
-    if mu is None or logvar is None:
-        return -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
-    return -0.5 * (LOG_2PI + logvar + (z - mu).pow(2) * torch.exp(-logvar)).sum(-1)
+def kl_term(model: VAE, out: VAEOutput) -> torch.Tensor:
+    """The ELBO's KL(q(z|x) || p(z)) per example, (B,), for a forward pass.
+
+    The standard normal prior keeps the closed form above. A learned prior (flow, VampPrior) has none, so the KL is
+    the Monte Carlo estimate log q(z|x) - log p(z) at the pass's own samples z (Kingma & Welling 2014, Eq. 6-7;
+    Tomczak & Welling 2018, Eq. 3), averaged over the samples when there are several. Its gradient with respect to
+    the encoder equals the analytic entropy's. A plain autoencoder has no posterior: its KL is defined as 0."""
+    if not model.stochastic:
+        return torch.zeros(out.mu.shape[0], dtype=out.mu.dtype, device=out.mu.device)
+    if model.prior.closed_form_kl:
+        return kl_divergence(out.mu, out.logvar)
+    kl = log_normal(out.z, out.mu, out.logvar) - model.prior.log_prob(out.z)
+    return kl.mean(0) if kl.dim() > 1 else kl
 
 
 @dataclass
@@ -53,7 +61,7 @@ def elbo_from_output(model: VAE, x: torch.Tensor, out: VAEOutput) -> ELBO:
     recon = model.log_prob(x, out.params)
     if recon.dim() > 1:
         recon = recon.mean(0)
-    kl = torch.zeros_like(recon) if model.config.kind == "ae" else kl_divergence(out.mu, out.logvar)
+    kl = kl_term(model, out)
     return ELBO(elbo=recon - kl, recon=recon, kl=kl)
 
 
@@ -67,8 +75,9 @@ def log_weights(
     beta: float = 1.0,
 ) -> torch.Tensor:
     """Importance log-weights log p(x|z) + beta * (log p(z) - log q(z|x)) of samples z (S, B, D), each (S, B):
-    what both the IWAE training bound and the likelihood estimate sum over (beta < 1 only in KL warm-up)."""
-    return model.log_prob(x, params) + beta * log_normal(z) - beta * log_normal(z, mu, logvar)
+    what both the IWAE training bound and the likelihood estimate sum over (beta < 1 only in KL warm-up).
+    log p(z) is the model's own prior: N(0, I), or the learned flow or VampPrior."""
+    return model.log_prob(x, params) + beta * model.prior.log_prob(z) - beta * log_normal(z, mu, logvar)
 
 
 def iwae_bound(model: VAE, x: torch.Tensor, out: VAEOutput, beta: float = 1.0) -> torch.Tensor:
@@ -109,8 +118,15 @@ def iwae_log_likelihood(
     The default keeps a chunk's activations small enough to be reused from the allocator's heap: at 2**24 every
     chunk's half-gigabyte conv activations were fresh mmaps, and the page faults took twice the arithmetic's time.
     """
-    if model.config.kind == "ae":
+    if not model.stochastic:
         raise ValueError("a deterministic autoencoder defines no likelihood p(x)")
+    with model.prior.frozen():  # the VampPrior encodes its pseudo-inputs once, not once per chunk
+        return _iwae_log_likelihood(model, x, k, chunk_elems, generator)
+
+
+def _iwae_log_likelihood(
+    model: VAE, x: torch.Tensor, k: int, chunk_elems: int, generator: torch.Generator | None
+) -> torch.Tensor:
     mu, logvar = model.encode(x)
     batch, per_image = x.shape[0], model.config.input_dim * model.decoder.n_params
     chunk = max(1, min(k, chunk_elems // max(1, batch * per_image)))
@@ -126,7 +142,10 @@ def iwae_log_likelihood(
     return running - math.log(k)
 
 
-def bits_per_dim(nats: torch.Tensor | float, dims: int) -> torch.Tensor | float:
+NatsT = TypeVar("NatsT", torch.Tensor, float)
+
+
+def bits_per_dim(nats: NatsT, dims: int) -> NatsT:
     """Negative log-likelihood in nats per example -> bits per dimension."""
     return nats / (dims * math.log(2))
 

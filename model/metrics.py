@@ -3,13 +3,16 @@ Shared by the training module (end of training) and the evaluation CLI."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 
 from model.losses import active_units, bits_per_dim, elbo, iwae_log_likelihood
 from model.vae import VAE
 
 
-def _batches(x: torch.Tensor, batch_size: int):
+def _batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     for start in range(0, len(x), batch_size):
         yield x[start : start + batch_size]
 
@@ -83,7 +86,7 @@ def posterior_means(model: VAE, x: torch.Tensor, batch_size: int = 1000) -> torc
 
 
 @torch.no_grad()
-def latent_statistics(mu: torch.Tensor) -> dict:
+def latent_statistics(mu: torch.Tensor) -> dict[str, Any]:
     """Mean and the two leading principal directions of the posterior means (for the service's latent maps)."""
     mean = mu.mean(0)
     cov = torch.cov((mu - mean).T.double()).reshape(mu.shape[1], mu.shape[1])
@@ -104,7 +107,7 @@ def latent_statistics(mu: torch.Tensor) -> dict:
 
 def full_metrics(
     model: VAE, x_test: torch.Tensor, k: int, seed: int = 0, progress: bool = False, workers: int = 1
-) -> dict:
+) -> dict[str, Any]:
     """The card's metrics block: test ELBO and terms, NLL with k and n, bits/dim, active units."""
     terms = dataset_elbo(model, x_test, seed=seed)
     metrics = {
@@ -115,7 +118,7 @@ def full_metrics(
         "active_units": active_units(posterior_means(model, x_test)),
         "active_units_threshold": 0.01,
     }
-    if model.config.kind == "vae":
+    if model.stochastic and k > 0:  # the plain autoencoder defines no likelihood; k = 0 asks for none
         nll = dataset_nll(model, x_test, k=k, seed=seed, progress=progress, workers=workers)
         metrics.update(
             test_nll=round(nll, 4),

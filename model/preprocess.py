@@ -3,6 +3,8 @@ exactly the way training did. Pure PIL + torch."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from PIL import Image
@@ -16,7 +18,7 @@ def color_mode(channels: int) -> str:
     return MODES[channels]
 
 
-def input_spec(input_shape: tuple[int, int, int], binarized: bool) -> dict:
+def input_spec(input_shape: tuple[int, int, int], binarized: bool) -> dict[str, Any]:
     """The card's description of what the model expects, written by training and read by the service."""
     c, h, w = input_shape
     return {
@@ -89,9 +91,14 @@ def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch
     return torch.bernoulli(x, generator=generator)
 
 
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Floats in [0, 1] (any shape, e.g. a batch) -> uint8 pixels 0..255, to the nearest level: what PNGs hold."""
+    return (x.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)
+
+
 def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     """Float tensor (C, H, W) in [0, 1] -> PIL image (L or RGB)."""
-    arr = (x.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).cpu()
+    arr = to_uint8(x).cpu()
     c = arr.shape[0]
     if c == 1:
         return Image.fromarray(arr[0].numpy())  # uint8 2-D -> "L"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -14,7 +15,7 @@ from model.vae import VAE
 METRICS_CSV = "metrics.csv"
 
 
-def write_metrics_csv(path: Path, rows: list[dict]) -> None:
+def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
     with open(path, "w", newline="") as f:
@@ -31,7 +32,7 @@ def save_png(images: torch.Tensor, path: Path, nrow: int, scale: int = 2) -> Non
     img.save(path)
 
 
-def plot_loss_curve(rows: list[dict], path: Path, title: str) -> None:
+def plot_loss_curve(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

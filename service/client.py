@@ -12,22 +12,42 @@
 Images can be a path (str or os.PathLike), PNG/JPEG bytes, a PIL image, a numpy array of pixels (uint8, or floats in
 [0, 1]: (H, W) or (H, W, C) for one image, (N, H, W) or (N, H, W, C) for a batch; channels last, as PIL and numpy
 store them), or a list of any of these. JSON answers come back as dicts; `format="png"` / `"gif"` answers as bytes.
+
+The `*_array` methods are numpy in, numpy out, over raw tensor bodies and answers (docs/binary-tensors.md): no PNG,
+no base64, no JSON numbers on the way, so they suit bulk work. Their images are numpy pixels as above, at the
+model's size and channels (uint8 goes as it is; float images are sent in float32); their answers are float32 arrays,
+images (N, H, W) or (N, H, W, C), float32 in [0, 1] or uint8:
+
+>>> import numpy as np
+>>> with VAEClient("http://127.0.0.1:8000") as vae:  # a one-channel model, such as mnist
+...     c, h, w = vae.model_card(vae.models()["default"])["input_shape"]
+...     pixels = np.zeros((2, h, w), np.uint8)  # two black images, (N, H, W)
+...     posterior = vae.encode_array(pixels)  # float32 "mu" and "logvar", each (2, latent_dim)
+...     images = vae.decode_array(posterior["mu"])  # float32 (2, H, W) in [0, 1]; dtype="uint8" for pixels
+...     scores = vae.score_array(pixels, k=50)  # float32 (2,) each: "elbo", ..., "log_likelihood", "bits_per_dim"
+>>> images.shape == (2, h, w), images.dtype.name, sorted(posterior), scores["log_likelihood"].shape
+(True, 'float32', ['logvar', 'mu'], (2,))
+
 Errors raise VAEServiceError with the server's status, code and detail. Imports httpx and (only for PIL or numpy
-inputs and `to_images`) Pillow and numpy; never torch.
+inputs and outputs and `to_images`) Pillow and numpy; never torch.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 
 if TYPE_CHECKING:
+    import numpy as np
     from PIL import Image
+
+OCTET_STREAM = "application/octet-stream"
 
 
 class VAEServiceError(Exception):
@@ -99,8 +119,9 @@ class VAEClient:
         if _is_array(image):
             image = _array_image(image)
         if not hasattr(image, "save"):
-            raise TypeError(f"cannot send a {type(image).__name__} as an image: give a path, bytes, a PIL image or "
-                            "a numpy array")  # fmt: skip
+            raise TypeError(
+                f"cannot send a {type(image).__name__} as an image: give a path, bytes, a PIL image or a numpy array"
+            )
         buf = io.BytesIO()  # a PIL image
         image.save(buf, format="PNG")
         return buf.getvalue()
@@ -201,10 +222,13 @@ class VAEClient:
         k: int = 100,
         seed: int = 0,
         binarize: bool | None = None,
+        fpr: float | None = None,
         model: str | None = None,
     ) -> dict[str, Any]:
-        """ELBO and importance-weighted log-likelihood per image (nats and bits/dim)."""
-        return dict(self._upload("/v1/score", images, k=k, seed=seed, binarize=binarize, model=model))
+        """ELBO and importance-weighted log-likelihood per image (nats and bits/dim), and for calibrated models the
+        out-of-distribution score, its p-value and `is_anomaly` at false-positive rate `fpr` (default: the
+        server's)."""
+        return dict(self._upload("/v1/score", images, k=k, seed=seed, binarize=binarize, fpr=fpr, model=model))
 
     def interpolate(
         self,
@@ -236,6 +260,68 @@ class VAEClient:
     ) -> Any:
         """The decoded grid over the model's 2-D latent plane."""
         return self._get("/v1/manifold", format, steps=steps, encoding=encoding, model=model)
+
+    # -- numpy in, numpy out: raw tensor bodies and answers (docs/binary-tensors.md) -------------------------------
+    def encode_array(
+        self, images: Any, *, sample: bool = False, seed: int | None = None, model: str | None = None
+    ) -> dict[str, np.ndarray]:
+        """Numpy pixels (see the module's docstring) -> float32 "mu" and "logvar" (N, latent_dim), and "z" when
+        `sample` (pass `seed` to draw the same z again)."""
+        x = _images_tensor(images)
+        return _named_columns(self._post_tensor("/v1/encode", x, sample=sample, seed=seed, posterior=True, model=model))
+
+    def decode_array(
+        self, latents: Any, *, dtype: Literal["float32", "uint8"] = "float32", model: str | None = None
+    ) -> np.ndarray:
+        """Latents (N, latent_dim), or one vector -> images (N, H, W) for one channel, else (N, H, W, C): float32 in
+        [0, 1] (the decoder's mean, as the JSON `pixels`), or uint8 (the PNGs' pixels)."""
+        import numpy as np
+
+        z = np.asarray(latents, dtype=np.float32)
+        z = z[None] if z.ndim == 1 else z
+        return _images_out(self._post_tensor("/v1/decode", z, model=model, **_image_options(dtype)))
+
+    def reconstruct_array(
+        self,
+        images: Any,
+        *,
+        seed: int = 0,
+        binarize: bool | None = None,
+        dtype: Literal["float32", "uint8"] = "float32",
+        model: str | None = None,
+    ) -> np.ndarray:
+        """Numpy pixels -> their reconstructions, as decode_array's images (the ELBO terms: `reconstruct`)."""
+        x = _images_tensor(images)
+        options = _image_options(dtype)
+        return _images_out(
+            self._post_tensor("/v1/reconstruct", x, seed=seed, binarize=binarize, model=model, **options)
+        )
+
+    def score_array(
+        self,
+        images: Any,
+        *,
+        k: int = 100,
+        seed: int = 0,
+        binarize: bool | None = None,
+        fpr: float | None = None,
+        model: str | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Numpy pixels -> float32 (N,) arrays of `score`'s fields: elbo, recon, kl, elbo_bits_per_dim,
+        log_likelihood, bits_per_dim, complexity_bits, and for calibrated models ood_score, p_value and is_anomaly
+        (1.0 or 0.0) at false-positive rate `fpr`."""
+        x = _images_tensor(images)
+        answer = self._post_tensor("/v1/score", x, k=k, seed=seed, binarize=binarize, fpr=fpr, model=model)
+        return _named_columns(answer)
+
+    def _post_tensor(self, endpoint: str, array: np.ndarray, **options: Any) -> httpx.Response:
+        """POST `array` as a raw tensor body (little-endian, C order; shape and dtype in the query string), asking
+        for a tensor answer."""
+        params = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in self._fields(**options).items()}
+        params |= {"shape": ",".join(str(n) for n in array.shape), "dtype": array.dtype.name}
+        headers = {"Content-Type": OCTET_STREAM, "Accept": OCTET_STREAM}
+        content = array.astype(array.dtype.newbyteorder("<"), order="C", copy=False).tobytes()
+        return self._check(self.http.post(endpoint, content=content, params=params, headers=headers))
 
     # -- helpers -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -275,3 +361,64 @@ def _array_image(pixels: Any) -> Image.Image:
             raise ValueError("a float image array must hold values in [0, 1] (or send uint8 pixels in 0..255)")
         a = np.rint(a * 255).astype(np.uint8)
     return Image.fromarray(a)
+
+
+# -- raw tensors (numpy is imported only by the *_array methods) ------------------------------------------------------
+_WIRE_DTYPES = {"float32": "<f4", "float16": "<f2", "uint8": "u1"}
+
+
+def _images_tensor(images: Any) -> np.ndarray:
+    """Numpy pixels, channels last ((H, W) or (H, W, C) for one image, (N, H, W) or (N, H, W, C) for a batch),
+    uint8 or floats in [0, 1] -> the (N, C, H, W) tensor the server takes: uint8 as it is, floats as float32 in
+    [-1, 1] (diffusers' convention, which the server maps back to [0, 1])."""
+    import numpy as np
+
+    a = np.asarray(images)
+    if a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (1, 3, 4)):
+        a = a[None]  # one image
+    if a.ndim == 3:
+        a = a[..., None]  # (N, H, W): one channel
+    if a.ndim != 4:
+        raise ValueError(f"images must be (H, W), (H, W, C), (N, H, W) or (N, H, W, C) pixels (got shape {a.shape})")
+    a = a.transpose(0, 3, 1, 2)
+    if a.dtype == np.uint8:
+        return np.ascontiguousarray(a)
+    if a.dtype.kind not in "fiub":
+        raise ValueError(f"an image array must hold numbers (got dtype {a.dtype})")
+    x = np.ascontiguousarray(a, dtype=np.float32)
+    if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+        raise ValueError("a float image array must hold values in [0, 1] (or send uint8 pixels in 0..255)")
+    return x * 2 - 1
+
+
+def _image_options(dtype: str) -> dict[str, Any]:
+    """The query options of a tensor answer of images in `dtype`: float32 (N, C, H, W) in [0, 1] (output_type=pil
+    with a tensor Accept), or uint8 (N, H, W, C) (partial_postprocess)."""
+    if dtype == "float32":
+        return {"output_type": "pil"}
+    if dtype == "uint8":
+        return {"partial_postprocess": True}
+    raise ValueError(f"dtype must be 'float32' or 'uint8' (got {dtype!r})")
+
+
+def _read_tensor(response: httpx.Response) -> np.ndarray:
+    """A tensor answer -> a writable array of its shape and dtype."""
+    import numpy as np
+
+    dtype = np.dtype(_WIRE_DTYPES[response.headers["dtype"]])
+    return np.frombuffer(bytearray(response.content), dtype).reshape(json.loads(response.headers["shape"]))
+
+
+def _images_out(response: httpx.Response) -> np.ndarray:
+    """A tensor answer of images -> (N, H, W) or (N, H, W, C), as the inputs are."""
+    a = _read_tensor(response)
+    if a.dtype.kind == "f":  # (N, C, H, W) in [0, 1]
+        a = a.transpose(0, 2, 3, 1)
+        a = a[..., 0] if a.shape[-1] == 1 else a
+    return a.copy() if not a.flags.c_contiguous else a
+
+
+def _named_columns(response: httpx.Response) -> dict[str, np.ndarray]:
+    """A tensor answer whose second axis is named by its `fields` header -> one array per name."""
+    a = _read_tensor(response)
+    return {name: a[:, i].copy() for i, name in enumerate(json.loads(response.headers["fields"]))}

@@ -1,6 +1,8 @@
-"""Domain errors and the one place that maps them (and every other failure) to HTTP statuses.
+"""Domain errors and the one place that maps them (and every other failure) to HTTP statuses and gRPC codes.
 
-Every error response has the same body: `{"detail": "<human-readable message>", "code": "<machine-readable code>"}`.
+Every error response has the same body: `{"detail": "<human-readable message>", "code": "<machine-readable code>"}`,
+except under /v2 (the Open Inference Protocol), whose body is `{"error": "<message>"}` and which answers 400 for
+every request the server cannot use; its gRPC service maps the same statuses to gRPC codes (`grpc_code`).
 Predictor and batcher raise the exceptions below; only this module knows their statuses.
 """
 
@@ -164,7 +166,43 @@ _HTTP_CODES = {
 }
 
 
-def error_response(status: int, code: str, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+# -- the Open Inference Protocol (v2): its body, its statuses and its gRPC codes --------------------------------------
+V2_PREFIX = "/v2"
+# The protocol's "typically 400" for a request the server cannot use, where /v1 says 406, 415 or 422.
+V2_STATUSES = {406: 400, 415: 400, 422: 400}
+# gRPC's own mapping of HTTP statuses (grpc/doc/http-grpc-status-mapping.md, and the reverse for ours); else INTERNAL.
+GRPC_CODES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    404: "NOT_FOUND",
+    408: "DEADLINE_EXCEEDED",
+    413: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+    507: "RESOURCE_EXHAUSTED",
+}
+
+
+def is_v2(path: str) -> bool:
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
+
+
+def v2_status(status: int) -> int:
+    return V2_STATUSES.get(status, status)
+
+
+def grpc_code(status: int) -> str:
+    """The name of the grpc.StatusCode for an error of HTTP status `status`."""
+    return GRPC_CODES.get(v2_status(status), "INTERNAL")
+
+
+def error_response(
+    status: int, code: str, detail: str, headers: Mapping[str, str] | None = None, path: str = ""
+) -> JSONResponse:
+    """The error body for a request to `path`: `{"detail", "code"}`, or `{"error"}` with the v2 status under /v2."""
+    if is_v2(path):
+        return JSONResponse({"error": detail}, status_code=v2_status(status), headers=dict(headers or {}))
     return JSONResponse({"detail": detail, "code": code}, status_code=status, headers=dict(headers or {}))
 
 
@@ -193,25 +231,25 @@ def _headers(request: Request, exc: ServiceError) -> dict[str, str]:
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    return error_response(exc.status, exc.code, exc.detail, _headers(request, exc))
+    return error_response(exc.status, exc.code, exc.detail, _headers(request, exc), request.url.path)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return error_response(422, "invalid_request", _summarise(exc))
+    return error_response(422, "invalid_request", _summarise(exc), path=request.url.path)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail), exc.headers)
+    return error_response(exc.status_code, code, str(exc.detail), exc.headers, request.url.path)
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     # The traceback is logged by the server (Starlette re-raises after this response is sent); the client sees
     # a generic message only.
     logger.error("unhandled %s in %s %s", type(exc).__name__, request.method, request.url.path)
-    return error_response(500, "internal_error", "internal server error")
+    return error_response(500, "internal_error", "internal server error", path=request.url.path)
 
 
 def install_handlers(app: FastAPI) -> None:

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import StartupError
 from service.registry import ModelRegistry
+from service.v2 import grpc_server
 
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 MMAP_THRESHOLD = 1 << 20
@@ -34,17 +35,24 @@ def return_freed_memory() -> bool:
 def lifespan(
     registry: ModelRegistry, startup: dict[str, str]
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
-    """The app's lifespan: the registry started (a StartupError's message kept in `startup` for StartupMessage)
-    and stopped."""
+    """The app's lifespan: the registry started, then the gRPC service when the settings ask for it (a
+    StartupError's message kept in `startup` for StartupMessage); on shutdown, after the HTTP server has drained,
+    the gRPC service drains (graceful_shutdown_s at most) before the models stop."""
 
     @asynccontextmanager
     async def run(app: FastAPI) -> AsyncIterator[None]:
         return_freed_memory()
+        settings = registry.settings
+        grpc = None
         try:
             await registry.start()
+            if settings.grpc:
+                grpc = await grpc_server.start(registry, settings, app.state.metrics)
         except StartupError as e:
             startup["error"] = str(e)
+            await registry.stop()
             raise
+        app.state.grpc_port = grpc.port if grpc is not None else None
         # What is alive now (torch, the app, the models: ~200k objects) lives as long as the server. Frozen, the
         # collector's full passes stop walking it: they took 50-100 ms each under load (docs/benchmarks.md).
         gc.freeze()
@@ -52,6 +60,8 @@ def lifespan(
             yield
         finally:
             gc.unfreeze()
+            if grpc is not None:
+                await grpc.stop(settings.graceful_shutdown_s)
             await registry.stop()
 
     return run

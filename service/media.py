@@ -113,6 +113,12 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def jpeg_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
 def png_base64(image: Image.Image) -> str:
     return base64.b64encode(png_bytes(image)).decode("ascii")
 

@@ -177,9 +177,26 @@ class Metrics(RegistryObserver):
         self.versions_loaded = Gauge(
             "vae_model_versions_loaded", "versions of the model serving", ["model"], registry=self.registry
         )
+        self.grpc_requests = Counter(
+            "vae_grpc_requests",
+            "gRPC calls (Open Inference Protocol) by method and status code",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.grpc_seconds = Histogram(
+            "vae_grpc_request_duration_seconds",
+            "gRPC call latency by method",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def grpc_request(self, method: str, code: str, seconds: float) -> None:
+        self.grpc_requests.labels(method, code).inc()
+        self.grpc_seconds.labels(method).observe(seconds)
 
     # BatchObserver
     def batch(self, model: str, op: str, size: int, seconds: float) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model import checkpoint, latent, losses, preprocess
+from model import anomaly, checkpoint, latent, losses, preprocess
 from model.vae import VAE, VAEConfig, VAEOutput, randn
 from service import media
 from service.errors import InvalidInput, OutOfMemory, UnsupportedForModel
@@ -97,19 +97,6 @@ def is_out_of_memory(error: BaseException) -> bool:
     )
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when present, else CPU; 'cuda:N' is checked against the devices present."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} was requested but CUDA is not available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} does not exist ({torch.cuda.device_count()} CUDA device(s))")
-    return device
-
-
 class VAEPredictor:
     """A checkpoint loaded for inference.
 
@@ -126,17 +113,22 @@ class VAEPredictor:
         device: torch.device,
         dtype: torch.dtype,
         max_image_pixels: int = 4096 * 4096,
+        default_fpr: float = 0.05,
         version: str = "1",
     ) -> None:
         self.name = name
         self.version = version  # which of the model's versions this is: every answer names it
         self.max_image_pixels = max_image_pixels
+        self.default_fpr = default_fpr
         self.model = model
         self.card = card
         self.path = path
         self.device = device
         self.dtype = dtype
         self.config: VAEConfig = model.config
+        # The OOD score's calibration (model/anomaly.py), validated with the checkpoint; None: the checkpoint has
+        # none, and /v1/score says so.
+        self.calibration: anomaly.Calibration | None = anomaly.load_calibration(path, card)
 
     # -- setup ---------------------------------------------------------------------------------------------------
     @classmethod
@@ -147,6 +139,7 @@ class VAEPredictor:
         device: torch.device,
         dtype_name: str = "float32",
         max_image_pixels: int = 4096 * 4096,
+        default_fpr: float = 0.05,
         version: str = "1",
     ) -> VAEPredictor:
         """Validate and load `path` (raises checkpoint.CheckpointError). Half precision applies on GPU only."""
@@ -154,7 +147,7 @@ class VAEPredictor:
         dtype = DTYPES[dtype_name] if device.type == "cuda" else torch.float32
         model = model.to(dtype=dtype)
         model.requires_grad_(False)
-        return cls(name, model, card, path, device, dtype, max_image_pixels, version)
+        return cls(name, model, card, path, device, dtype, max_image_pixels, default_fpr, version)
 
     def warmup(self) -> None:
         """One small forward of each mergeable op, so the first request pays no lazy-initialisation cost."""
@@ -162,7 +155,7 @@ class VAEPredictor:
         x = torch.full((2, c, h, w), 0.5)
         self.predict("encode", {"x": x})
         self.predict("decode", {"z": torch.zeros(2, self.config.latent_dim)})
-        self.predict("sample", {"eps": torch.zeros(2, self.config.latent_dim), "temperature": torch.ones(2)})
+        self.predict("sample", {"eps": torch.zeros(2, self.model.prior.noise_dim), "temperature": torch.ones(2)})
         self.predict("reconstruct", {"x": x, "eps": torch.zeros(2, self.config.latent_dim)})
 
     # -- facts -----------------------------------------------------------------------------------------------------
@@ -176,7 +169,7 @@ class VAEPredictor:
 
     @property
     def is_vae(self) -> bool:
-        return self.config.kind == "vae"
+        return self.model.stochastic
 
     @property
     def bernoulli(self) -> bool:
@@ -208,6 +201,8 @@ class VAEPredictor:
             "created": card.get("created"),
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "calibrated": self.calibration is not None,
+            "calibration": None if self.calibration is None else self.calibration.summary(),
             "card": card,
         }
 
@@ -230,7 +225,7 @@ class VAEPredictor:
             return Job("decode", {"z": self.latents_tensor(params.latents)})
         if isinstance(params, SampleRequest):
             seed = params.seed if params.seed is not None else fresh_seed()
-            eps = self.noise(params.n, generator(seed))
+            eps = self.prior_noise(params.n, generator(seed))
             # Through float64: a temperature past float32's range becomes inf, refused once decoded, not an error here.
             temperature = torch.full((params.n,), params.temperature, dtype=torch.float64).float()
             return Job("sample", {"eps": eps, "temperature": temperature}, seed=seed)
@@ -243,7 +238,14 @@ class VAEPredictor:
             if binarized:
                 x = preprocess.binarize(x, g)  # as Bernoulli models were trained and evaluated
             if isinstance(params, ScoreRequest):
-                return Job("score", {"x": x}, (params.k, g), seed=params.seed, binarized=binarized, notes=notes)
+                fpr = params.fpr if params.fpr is not None else self.default_fpr
+                if self.calibration is not None and fpr < self.calibration.min_fpr:
+                    raise InvalidInput(
+                        f"fpr={fpr:g} is below what the calibration can resolve for model {self.name!r} "
+                        f"({self.calibration.min_fpr:.2g}: 1 in {self.calibration.n + 1} held-out images)"
+                    )
+                job = Job("score", {"x": x}, (params.k, g, fpr), seed=params.seed, binarized=binarized, notes=notes)
+                return job
             eps = self.noise(len(x), g)
             return Job("reconstruct", {"x": x, "eps": eps}, seed=params.seed, binarized=binarized, notes=notes)
         if isinstance(params, InterpolateRequest):
@@ -394,16 +396,23 @@ class VAEPredictor:
         return z
 
     def noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """(n, latent_dim) N(0, I) noise from the request's own generator, drawn before batching (model.vae.randn),
-        so a request's result never depends on what it was batched with."""
+        """(n, latent_dim) N(0, I) noise for posterior samples (z = mu + sigma * eps), from the request's own
+        generator, drawn before batching (model.vae.randn), so a request's result never depends on what it was
+        batched with."""
         return randn((n, self.latent_dim), generator, like=torch.empty(0))
+
+    def prior_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """(n, noise_dim) noise for prior samples, drawn before batching like `noise`; the prior's transform turns
+        it into codes in the batched forward (model/priors.py: for a VampPrior noise_dim is latent_dim + 1)."""
+        return self.model.prior.noise(n, generator)
 
     def manifold_codes(self, steps: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """The steps x steps grid of codes (row-major) for /v1/manifold and how it was made.
 
-        2-D VAEs: the prior's plane. Otherwise: the plane of the two leading principal directions of the training
-        codes recorded in the card (raises UnsupportedForModel when the card has none)."""
-        if self.latent_dim == 2 and self.is_vae:
+        2-D VAEs with the standard normal prior: the prior's plane. Otherwise (a learned prior's density is not
+        centred on that plane either): the plane of the two leading principal directions of the training codes
+        recorded in the card (raises UnsupportedForModel when the card has none)."""
+        if self.latent_dim == 2 and self.is_vae and self.config.prior == "standard":
             center, directions, stddevs = torch.zeros(2), torch.eye(2), torch.ones(2)
             basis = "prior"
         else:
@@ -463,13 +472,13 @@ class VAEPredictor:
             elif op == "decode":
                 out = {"image": self._images(t["z"])}
             elif op == "sample":
-                z = t["eps"] * t["temperature"][:, None]
+                z = self.model.prior.transform(t["eps"], t["temperature"])  # each row its own temperature
                 out = {"z": z, "image": self._images(z)}
             elif op == "reconstruct":
                 out = self._reconstruct(t["x"], t["eps"])
             elif op == "score":
-                k, g = arg
-                out = self._score(t["x"], k, g)
+                k, g, fpr = arg
+                out = self._score(t["x"], k, g, fpr)
             elif op == "interpolate":
                 steps, path = arg
                 ends = self.model.encode(t["x"])[0] if "x" in t else t["z"]
@@ -482,30 +491,38 @@ class VAEPredictor:
     def _images(self, z: torch.Tensor) -> torch.Tensor:
         return self.model.mean_image(self.model.decode(z))
 
-    def _reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        # VAE.reparameterize with pre-drawn noise (see `noise`); the plain autoencoder's code is its mean.
-        return mu if not self.is_vae else mu + torch.exp(0.5 * logvar) * eps
-
     def _encode(self, x: torch.Tensor, eps: torch.Tensor | None) -> Tensors:
         mu, logvar = self.model.encode(x)
         out = {"mu": mu, "logvar": logvar}
         if eps is not None:
-            out["z"] = self._reparameterize(mu, logvar, eps)
+            out["z"] = self.model.reparameterize(mu, logvar, eps)
         return out
 
     def _reconstruct(self, x: torch.Tensor, eps: torch.Tensor) -> Tensors:
         """Reconstruction from the posterior mean (deterministic) and the one-sample ELBO terms."""
         mu, logvar = self.model.encode(x)
-        z = self._reparameterize(mu, logvar, eps)
+        z = self.model.reparameterize(mu, logvar, eps)
         params = self.model.decode(torch.cat([z, mu]))
         sampled, at_mean = torch.split(params, len(x))
         terms = losses.elbo_from_output(self.model, x, VAEOutput(mu=mu, logvar=logvar, z=z, params=sampled))
         return {"image": self.model.mean_image(at_mean), "elbo": terms.elbo, "recon": terms.recon, "kl": terms.kl}
 
-    def _score(self, x: torch.Tensor, k: int, generator: torch.Generator) -> Tensors:
-        terms = losses.elbo(self.model, x, generator=generator)
-        ll = losses.iwae_log_likelihood(self.model, x, k=k, generator=generator)
-        return {"elbo": terms.elbo, "recon": terms.recon, "kl": terms.kl, "log_likelihood": ll}
+    def _score(self, x: torch.Tensor, k: int, generator: torch.Generator, fpr: float) -> Tensors:
+        """ELBO terms and the k-sample log-likelihood, the input's complexity, and (calibrated models, on inputs
+        prepared as calibrated) the OOD score, its p-value and the decision at `fpr`."""
+        stats = anomaly.score_statistics(self.model, x, k=k, generator=generator)
+        if self.ood_note(self.bernoulli and not bool(((x == 0) | (x == 1)).all())) is None:
+            assert self.calibration is not None
+            stats |= self.calibration.assess(stats, fpr)
+        return stats
+
+    def ood_note(self, grey_bernoulli_input: bool = False) -> str | None:
+        """Why this model's scores carry no calibrated OOD score, or None when they do."""
+        if self.calibration is None:
+            return f"model {self.name!r} has no calibration: run python -m model.calibrate on its checkpoint"
+        if grey_bernoulli_input:
+            return "the OOD score is calibrated on binarised inputs, as Bernoulli models see them: send binarize=true"
+        return None
 
     # -- encode_response: the outputs -> an Answer of plain values ---------------------------------------------------
     def encode_response(self, job: Job, out: Tensors, call: Call[Any]) -> Answer:
@@ -515,12 +532,15 @@ class VAEPredictor:
         params = call.params
         encoding: Encoding = getattr(params, "encoding", "png")
         fields: dict[str, Any] = {"model": self.name, "version": self.version}
-        if "image" in out and "elbo" not in out:
-            z = out.get("z", job.inputs.get("z"))
-            if not bool(torch.isfinite(out["image"]).all()) or (z is not None and not bool(torch.isfinite(z).all())):
-                raise InvalidInput("the latents are too large: they or the decoder's output overflow float32")
+        self.check_decoded(job, out)
         if job.op == "encode":
-            keys = [k for k in ("mu", "logvar", "z") if k in out]  # Posterior's fields
+            keys: list[str] = [k for k in ("mu", "logvar", "z") if k in out]  # Posterior's fields
+            if call.format == "tensor":  # one array: the latent (z when sampled, else mu), or the whole posterior
+                fields |= {"latent_dim": self.latent_dim, "seed": job.seed}
+                if getattr(call.options, "posterior", False):
+                    posterior = np.stack([out[k].numpy() for k in keys], axis=1)
+                    return Answer(fields, notes=job.notes, tensor=posterior, tensor_fields=keys)
+                return Answer(fields, notes=job.notes, tensor=float32_rows(out.get("z", out["mu"])))
             rows = zip(*(float32_rows(out[k]) for k in keys), strict=True)
             fields |= {
                 "latent_dim": self.latent_dim,
@@ -529,19 +549,52 @@ class VAEPredictor:
             }
             return Answer(fields, notes=job.notes)
         if job.op == "score":
-            rows = zip(*(out[key].tolist() for key in ("elbo", "recon", "kl", "log_likelihood")), strict=True)
+            _, _, fpr = job.arg
+            calibrated = "ood_score" in out
+            if call.format == "tensor":  # (N, columns): the JSON's result fields as columns, in their order
+                elbo, ll = out["elbo"], out["log_likelihood"]
+                columns = {
+                    "elbo": elbo,
+                    "recon": out["recon"],
+                    "kl": out["kl"],
+                    "elbo_bits_per_dim": losses.bits_per_dim(-elbo, self.config.input_dim),
+                    "log_likelihood": ll,
+                    "bits_per_dim": losses.bits_per_dim(-ll, self.config.input_dim),
+                    "complexity_bits": out["complexity_bits"],
+                }
+                if calibrated:
+                    columns |= {k: out[k] for k in ("ood_score", "p_value", "is_anomaly")}
+                table = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in columns.values()], dim=1)
+                fields |= {"seed": job.seed, "calibrated": calibrated, "fpr": fpr if calibrated else None}
+                return Answer(fields, tensor=table.numpy(), tensor_fields=list(columns), notes=job.notes)
+            stats = ("elbo", "recon", "kl", "log_likelihood", "complexity_bits")
+            rows = zip(*(out[key].tolist() for key in stats), strict=True)
             results = [
                 {
                     "elbo": e,
                     "recon": r,
-                    "kl": k,
+                    "kl": kl,
                     "elbo_bits_per_dim": self.bits_per_dim(-e),
                     "log_likelihood": ll,
                     "bits_per_dim": self.bits_per_dim(-ll),
+                    "complexity_bits": c,
                 }
-                for e, r, k, ll in rows
+                for e, r, kl, ll, c in rows
             ]
-            fields |= {"k": params.k, "seed": job.seed, "binarized": job.binarized, "results": results}
+            if calibrated:
+                for result, score, p, flag in zip(
+                    results, out["ood_score"].tolist(), out["p_value"].tolist(), out["is_anomaly"].tolist(), strict=True
+                ):
+                    result |= {"ood_score": score, "p_value": p, "is_anomaly": bool(flag)}
+            fields |= {
+                "k": params.k,
+                "seed": job.seed,
+                "binarized": job.binarized,
+                "calibrated": calibrated,
+                "fpr": fpr if calibrated else None,
+                "ood_note": None if calibrated else self.ood_note(not job.binarized and self.bernoulli),
+                "results": results,
+            }
             return Answer(fields, notes=job.notes)
         if job.op == "reconstruct":
             rows = zip(out["elbo"].tolist(), out["recon"].tolist(), out["kl"].tolist(), strict=True)
@@ -558,6 +611,25 @@ class VAEPredictor:
             fields |= {"steps": params.steps, **job.plane, "latents": job.inputs["z"].tolist()}
             return Answer(fields, out["image"], encoding, nrow=params.steps, padding=0)
         return Answer(fields, out["image"], encoding)  # decode
+
+    def encode_tensors(self, job: Job, out: Tensors) -> Tensors:
+        """encode_response's values as whole-batch tensors, for answers that are tensors (the Open Inference
+        Protocol, service.v2): the same checks, score's bits per dimension added, no per-item rows."""
+        self.check_decoded(job, out)
+        if job.op != "score":
+            return out
+        dims = self.config.input_dim
+        bits = {"elbo_bits_per_dim": -out["elbo"], "bits_per_dim": -out["log_likelihood"]}
+        return out | {k: torch.as_tensor(losses.bits_per_dim(nats, dims)) for k, nats in bits.items()}
+
+    @staticmethod
+    def check_decoded(job: Job, out: Tensors) -> None:
+        """Decoded images (and their latents) must be finite: latents far outside the prior (finite, but huge) can
+        overflow the decoder, which is the request's fault (InvalidInput), never NaN pixels in an answer."""
+        if "image" in out and "elbo" not in out:
+            z = out.get("z", job.inputs.get("z"))
+            if not bool(torch.isfinite(out["image"]).all()) or (z is not None and not bool(torch.isfinite(z).all())):
+                raise InvalidInput("the latents are too large: they or the decoder's output overflow float32")
 
     def bits_per_dim(self, nats: float) -> float:
         return float(losses.bits_per_dim(nats, self.config.input_dim))

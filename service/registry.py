@@ -37,9 +37,10 @@ from typing import Any
 import torch
 
 from model import checkpoint
+from model.device import resolve_device
 from service.batching import BatchObserver, MicroBatcher
 from service.errors import InvalidModelFolder, ModelNotFound, ModelNotReady, ServiceError, StartupError
-from service.predictor import MERGEABLE_OPS, VAEPredictor, resolve_device
+from service.predictor import MERGEABLE_OPS, VAEPredictor
 from service.settings import Settings
 
 logger = logging.getLogger("vae_serve")
@@ -620,7 +621,15 @@ class ModelRegistry:
         loop = asyncio.get_running_loop()
         try:
             predictor = await loop.run_in_executor(
-                self._loader, VAEPredictor.load, name, path, self._device, s.dtype, s.max_image_pixels, version
+                self._loader,
+                VAEPredictor.load,
+                name,
+                path,
+                self._device,
+                s.dtype,
+                s.max_image_pixels,
+                s.ood_fpr,
+                version,
             )
             await loop.run_in_executor(executor, check, predictor, s.warmup)
         except checkpoint.CheckpointError as e:

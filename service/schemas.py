@@ -4,9 +4,9 @@ that carry a request through the service (Call: what the client asked, Answer: w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1, description="seed of this request's own torch.Generator")]
@@ -18,7 +18,10 @@ if TYPE_CHECKING:
     import torch
 
 Encoding = Literal["png", "pixels"]
-Format = Literal["json", "png", "gif"]
+# "tensor": raw bytes with `shape` and `dtype` headers (Accept: application/octet-stream or tensor/binary).
+Format = Literal["json", "png", "gif", "jpeg", "tensor"]
+# The element types of a raw tensor body (Hugging Face's remote-VAE convention), little-endian.
+TensorDtype = Literal["float16", "float32", "bfloat16", "uint8"]
 
 _IMAGES = "base64-encoded PNG or JPEG files (any size and mode; converted as in training)"
 _PIXELS = "pixel arrays in [0, 1] at the model's exact shape: (C, H, W), (H, W) for one channel, or flat"
@@ -70,7 +73,7 @@ class ModelQuery(BaseModel):
 
 
 class ModelFormatQuery(ModelQuery):
-    """The query string of POST endpoints that can answer with images."""
+    """The query string of POST endpoints that can answer in more than one format."""
 
     format: Format | None = Field(None, description=_FORMAT)
 
@@ -113,6 +116,8 @@ class ModelInfo(BaseModel):
     created: str | None = None
     device: str
     dtype: str
+    calibrated: bool = Field(description="whether /v1/score gives a calibrated OOD score (docs/anomaly.md)")
+    calibration: dict[str, Any] | None = Field(description="how the OOD score was calibrated, when it was")
     card: dict[str, Any] = Field(description="the full model card")
     versions: list[VersionInfo] = Field(default_factory=list, description="every version serving, oldest first")
     load_error: str | None = Field(
@@ -264,7 +269,19 @@ class ReconstructResponse(BaseModel):
 class ScoreRequest(_ImagesIn):
     """JSON form of /v1/score (multipart: repeated `image` files plus these fields as form fields)."""
 
-    k: int = Field(100, ge=1, description="importance samples per image (capped by the server's max_score_k)")
+    k: int = Field(
+        100,
+        ge=1,
+        description="importance samples per image (capped by the server's max_score_k); the OOD score is "
+        "calibrated at the default",
+    )
+    fpr: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="false-positive rate for is_anomaly: the share of in-distribution images flagged (default: the "
+        "server's ood_fpr, 0.05)",
+    )
     seed: Seed = Field(0, description="seed for the binarisation and every sample: equal requests, equal scores")
     binarize: bool | None = Field(
         None, description="Bernoulli models only: binarise the input first, as in training (default: true)"
@@ -275,7 +292,15 @@ class ScoreRequest(_ImagesIn):
 
 class Score(ElboTerms):
     log_likelihood: float = Field(description="importance-weighted estimate of log p(x) with k samples, nats")
-    bits_per_dim: float = Field(description="-log p(x) in bits per dimension (higher: more anomalous)")
+    bits_per_dim: float = Field(description="-log p(x) in bits per dimension")
+    complexity_bits: float = Field(description="the input's zlib-compressed length in bits (a complexity estimate)")
+    ood_score: float | None = Field(
+        None, description="out-of-distribution score (higher: less like the training data); null when uncalibrated"
+    )
+    p_value: float | None = Field(
+        None, description="share of held-out in-distribution images scoring at least this high (calibrated)"
+    )
+    is_anomaly: bool | None = Field(None, description="p_value <= fpr: flagged as unlike the training data")
 
 
 class ScoreResponse(BaseModel):
@@ -284,6 +309,9 @@ class ScoreResponse(BaseModel):
     k: int
     seed: int
     binarized: bool
+    calibrated: bool = Field(description="whether ood_score, p_value and is_anomaly are given (docs/anomaly.md)")
+    fpr: float | None = Field(None, description="the false-positive rate is_anomaly was decided at")
+    ood_note: str | None = Field(None, description="why there is no calibrated OOD score, when there is none")
     results: list[Score]
 
     model_config = ConfigDict(
@@ -292,9 +320,11 @@ class ScoreResponse(BaseModel):
                 {
                     "model": "mnist",
                     "version": "1",
-                    "k": 500,
+                    "k": 100,
                     "seed": 0,
                     "binarized": True,
+                    "calibrated": True,
+                    "fpr": 0.05,
                     "results": [
                         {
                             "elbo": -88.1,
@@ -303,12 +333,119 @@ class ScoreResponse(BaseModel):
                             "elbo_bits_per_dim": 0.1621,
                             "log_likelihood": -83.9,
                             "bits_per_dim": 0.1544,
+                            "complexity_bits": 1312.0,
+                            "ood_score": 4.2,
+                            "p_value": 0.61,
+                            "is_anomaly": False,
                         }
                     ],
                 }
             ]
         }
     )
+
+
+# -- raw bodies: Hugging Face's remote-VAE convention (diffusers' remote_decode / remote_encode) --------------------
+# Query models of their own, so that their parameters are accepted with a raw body only: `?shape=` beside a JSON or
+# multipart body stays a 422, as any unknown name.
+_SHAPE = (
+    "the tensor's shape, (N, C, H, W) images or (N, latent_dim) latents; repeated "
+    "(`shape=1&shape=1&shape=28&shape=28`, as diffusers sends it), or `1,1,28,28`, or `[1,1,28,28]`"
+)
+_DTYPE = "the tensor's element type (little-endian); float images are in [-1, 1], uint8 ones in 0..255"
+_OUTPUT_TYPE = (
+    "tensor answers of images: pt = float32 (N, C, H, W) in [-1, 1], or uint8 (N, H, W, C) with "
+    "partial_postprocess; pil = float32 (N, C, H, W) in [0, 1]. With an image Accept (or none), pil answers an image"
+)
+_SCALING = "diffusers' latent scaling: the model decodes latents / scaling_factor + shift_factor"
+
+
+def _shape_list(value: Any) -> Any:
+    """`shape` as clients send it: repeated (a list of strings), or one string `1,8` or `[1, 8]`."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+        text = value[0].strip().removeprefix("[").removesuffix("]").strip()
+        return [part.strip() for part in text.split(",")] if text else []
+    return value
+
+
+Shape = Annotated[list[Annotated[int, Field(ge=0, le=2**31)]], Field(max_length=8), BeforeValidator(_shape_list)]
+
+
+class TensorQuery(ModelFormatQuery):
+    """The query string of a raw body (docs/binary-tensors.md): a tensor, with its `shape` and `dtype`
+    (Content-Type application/octet-stream, tensor/binary or none), or one PNG or JPEG file, with neither
+    (Content-Type image/png, image/jpeg or none); then the endpoint's own options, which a JSON body carries."""
+
+    shape: Shape | None = Field(None, description=_SHAPE)
+    dtype: TensorDtype | None = Field(None, description=_DTYPE)
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _known_dtype(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in get_args(TensorDtype):
+            raise ValueError(f"unknown dtype {value!r}; send one of {', '.join(get_args(TensorDtype))}")
+        return value
+
+
+class ImageTensorQuery(TensorQuery):
+    """A raw body's query string on the endpoints that answer with images: how the answer's images are made."""
+
+    output_type: Literal["pt", "pil"] = Field("pt", description=_OUTPUT_TYPE)
+    partial_postprocess: bool = Field(
+        False, description="tensor answers with output_type=pt: uint8 (N, H, W, C), (N, H, W) for one channel"
+    )
+    image_format: Literal["png", "jpg"] = Field(
+        "png", description="output_type=pil: the image's type when the Accept header leaves it open"
+    )
+
+
+class EncodeTensorQuery(TensorQuery):
+    """/v1/encode's query string with a raw body."""
+
+    sample: bool = Field(False, description="also draw z = mu + sigma * eps; a tensor answer is then z")
+    seed: Seed | None = Field(None, description="seed for z (default: a fresh one, in the answer's `seed` header)")
+    posterior: bool = Field(
+        False, description="tensor answers: (N, 2, latent_dim) mean and log-variance (z third with sample=true)"
+    )
+    scaling_factor: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="tensor answers: (latent - shift_factor) * scaling_factor"
+    )
+    shift_factor: float | None = Field(None, allow_inf_nan=False, description="see scaling_factor")
+
+    @model_validator(mode="after")
+    def _scaling_needs_one_latent(self) -> EncodeTensorQuery:
+        if self.posterior and (self.scaling_factor is not None or self.shift_factor is not None):
+            raise ValueError("scaling_factor and shift_factor scale a latent answer, not posterior=true")
+        return self
+
+
+class DecodeTensorQuery(ImageTensorQuery):
+    """/v1/decode's query string with a raw body."""
+
+    encoding: Encoding = Field("png", description="JSON answers: " + _ENCODING_SHORT)
+    scaling_factor: float | None = Field(None, gt=0, allow_inf_nan=False, description=_SCALING)
+    shift_factor: float | None = Field(None, allow_inf_nan=False, description=_SCALING)
+    do_scaling: bool = Field(
+        False, description="diffusers' deprecated flag: the model's own scaling factor, 1 for these VAEs (a no-op)"
+    )
+
+
+class ReconstructTensorQuery(ImageTensorQuery):
+    """/v1/reconstruct's query string with a raw body."""
+
+    seed: Seed = Field(0, description="seed for the binarisation and the ELBO's posterior sample")
+    binarize: bool | None = Field(None, description="Bernoulli models only: binarise the input first (default: true)")
+    encoding: Encoding = Field("png", description="JSON answers: " + _ENCODING_SHORT)
+
+
+class ScoreTensorQuery(TensorQuery):
+    """/v1/score's query string with a raw body."""
+
+    k: int = Field(100, ge=1, description="importance samples per image (capped by the server's max_score_k)")
+    seed: Seed = Field(0, description="seed for the binarisation and every sample")
+    binarize: bool | None = Field(None, description="Bernoulli models only: binarise the input first (default: true)")
 
 
 # -- interpolate ----------------------------------------------------------------------------------------------------
@@ -376,13 +513,15 @@ class Call(Generic[P]):
     `params` holds the validated fields (body, form fields and query string; `model` is the one model named);
     `files` the encoded images in order (multipart uploads, or the JSON `images` decoded from base64), `names` how
     errors name each; `tensor` a raw tensor instead (a binary body: images (N, C, H, W), uint8 in 0..255 or floats
-    in [0, 1], or latents (N, latent_dim)); `format` the negotiated response format."""
+    in [0, 1], or latents (N, latent_dim)); `format` the negotiated response format; `options` a raw body's query
+    string (its shape and dtype, and how a tensor answer is made: service.rendering reads it)."""
 
     params: P
     format: Format = "json"
     files: list[bytes] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     tensor: np.ndarray | None = None
+    options: TensorQuery | None = None
 
 
 @dataclass
@@ -391,7 +530,9 @@ class Answer:
 
     `fields` are the JSON body's fields in order (None ones are left out; float32 numpy arrays are written at
     float32 precision); `images` (N, C, H, W) in [0, 1] become a PNG grid of `nrow` per row, GIF frames, or the
-    JSON's `images` / `pixels` field by `encoding`; `notes` are said in the X-Input-Converted header."""
+    JSON's `images` / `pixels` field by `encoding`; `notes` are said in the X-Input-Converted header. `tensor` is
+    the answer as one float32 array when the format is "tensor" and the answer holds no images (encode's latents,
+    score's columns), `tensor_fields` the names along its second axis."""
 
     fields: dict[str, Any]
     images: torch.Tensor | None = None
@@ -399,3 +540,5 @@ class Answer:
     nrow: int | None = None
     padding: int = 2
     notes: list[str] = field(default_factory=list)
+    tensor: np.ndarray | None = None
+    tensor_fields: list[str] = field(default_factory=list)

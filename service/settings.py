@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest uploaded image (width * height)")
     max_sample_n: int = Field(256, ge=1, description="most images one /v1/sample call returns")
     max_score_k: int = Field(1000, ge=1, description="most importance samples per image in /v1/score")
+    ood_fpr: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="/v1/score's default false-positive rate for is_anomaly (a request's `fpr` overrides it)",
+    )
     max_interpolate_steps: int = Field(64, ge=2, description="most frames one /v1/interpolate call returns")
     max_manifold_steps: int = Field(30, ge=2, description="largest side of the /v1/manifold grid")
     gif_frame_ms: int = Field(100, ge=10, description="frame duration of animated GIFs")
@@ -76,11 +82,16 @@ class Settings(BaseSettings):
         description="every this many seconds, reload the models whose folders changed (and load new ones when "
         "serving all of models_dir); 0: off",
     )
-    # -- server (used by `python -m service` only) -----------------------------------------------------------
+    # -- the Open Inference Protocol's gRPC service, started and stopped with the app -------------------------
+    grpc: bool = Field(True, description="serve the v2 gRPC service (GRPCInferenceService) on grpc_port too")
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="TCP port of the gRPC service, on `host` (0: any free port)"
+    )
+    # -- server (used by `python -m service`; the gRPC service binds `host` too) -----------------------------
     host: str = Field("127.0.0.1", description="interface to bind")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
-        "info", description="server log verbosity: critical, error, warning, info or debug"
+        "info", description="log level of the server and uvicorn: critical, error, warning, info or debug"
     )
     access_log: bool = Field(True, description="one log line per request")
     graceful_shutdown_s: float = Field(20.0, gt=0, description="on SIGTERM, the longest wait for requests in flight")
@@ -104,6 +115,12 @@ class Settings(BaseSettings):
         if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
             return value
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+    @model_validator(mode="after")
+    def _two_ports(self) -> Settings:
+        if self.grpc and self.grpc_port == self.port != 0:
+            raise ValueError(f"grpc_port and port are both {self.port}: the gRPC service needs a port of its own")
+        return self
 
     @field_validator("api_key", "admin_key")
     @classmethod

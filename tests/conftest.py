@@ -2,83 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
+import torch
 from hypothesis import settings
-from PIL import Image
+from tiny_models import make_tiny_checkpoint
 
 # Property tests explore the same examples on every run: the suite is deterministic, like every other test here.
 settings.register_profile("deterministic", derandomize=True, print_blob=True)
 settings.load_profile("deterministic")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def write_synthetic_images(
-    directory: Path, n: int = 64, size: tuple[int, int] = (8, 8), channels: int = 1, seed: int = 0
-) -> Path:
-    """n PNGs of bright rectangles on black: structured enough for a tiny VAE to learn something."""
-    rng = np.random.default_rng(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    h, w = size
-    for i in range(n):
-        img = np.zeros((h, w, channels), dtype=np.uint8)
-        top, left = rng.integers(0, h // 2), rng.integers(0, w // 2)
-        img[top : top + h // 2, left : left + w // 2] = rng.integers(150, 256, size=channels)
-        Image.fromarray(img[:, :, 0] if channels == 1 else img).save(directory / f"{i:03d}.png")
-    return directory
-
-
-def make_tiny_checkpoint(
-    root: Path,
-    name: str = "tiny",
-    *extra: str,
-    channels: int = 1,
-    size: str = "8x8",
-    likelihood: str = "bernoulli",
-    latent_dim: int = 2,
-) -> Path:
-    """Train a tiny model for two epochs through `python -m model.train`'s own code path; returns its directory."""
-    from model.train import main
-
-    h, w = (int(v) for v in size.split("x"))
-    images = write_synthetic_images(root / f"{name}-images", size=(h, w), channels=channels)
-    out = root / name
-    main(
-        [
-            "--dataset",
-            "folder",
-            "--image-dir",
-            str(images),
-            "--image-size",
-            size,
-            "--channels",
-            str(channels),
-            "--hidden",
-            "16",
-            "--latent-dim",
-            str(latent_dim),
-            "--likelihood",
-            likelihood,
-            "--epochs",
-            "2",
-            "--batch-size",
-            "16",
-            "--eval-k",
-            "8",
-            "--seed",
-            "0",
-            "--no-progress",
-            "--name",
-            name,
-            "--out",
-            str(out),
-            *extra,
-        ]
-    )
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -117,3 +53,12 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "mnist").is_dir():
         pytest.skip(f"real datasets not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: a second intra-op thread only waits for a busy core (seconds, on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -4,6 +4,7 @@ speed targets live in the benchmarks (docs/benchmarks.md), not in tests."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import time
@@ -79,11 +80,15 @@ def test_inprocess_table_on_the_tiny_checkpoint(tiny_checkpoint: Path, capsys: p
         "| encode forward | 4 |",
         "| decode forward | 1 |",
         "| reconstruct forward | 4 |",
+        "| sample: prior noise -> z -> image | 4 |",
         "| multipart body -> parts | 4 |",
         "| PNG upload -> input tensor | 4 |",
         "| encode output -> JSON answer | 1 |",
+        "| uint8 tensor body -> input tensor | 4 |",
+        "| encode output -> tensor answer | 4 |",
         "| output -> base64 PNG | 1 |",
-        "| bulk encode",
+        "| bulk encode: PNGs",
+        "| bulk encode: uint8 tensor -> input -> forward | 4 |",
     ):
         assert row in out
 
@@ -159,6 +164,39 @@ def test_swaps_under_load_on_two_tiny_versions(
     out = capsys.readouterr().out
     assert code == 0, out
     assert "| reload every 0.5 s |" in out and "after unload" in out and "FAIL" not in out
+
+
+def test_binary_cells_requests_and_targets() -> None:
+    """The binary path's cells: ours only, a raw uint8 tensor request per protocol builder, and its targets against
+    the PNG cell and the in-process limits."""
+    args = argparse.Namespace(clients=[1, 64], binary=["v1 tensor"], binary_clients=[64], bulk_clients=[1])
+    plan = serving.plan(args)
+    assert ("encode v1 tensor", 64) in plan and ("bulk encode v1 tensor", 1) in plan and ("encode", 1) in plan
+    assert serving.runs_on("encode v1 tensor", "ours") and not serving.runs_on("encode v1 tensor", "plain")
+    assert not serving.runs_on("bulk encode v1 tensor", "ours-baseline") and serving.runs_on("encode", "litserve")
+    pixels = loadgen.digit_pixels((8, 8))
+    requests = serving.binary_requests(1234, pixels, bulk_images=3)
+    single, bulk = requests["encode v1 tensor"], requests["bulk encode v1 tensor"]
+    assert single.startswith(b"POST /v1/encode?shape=1,1,8,8&dtype=uint8 HTTP/1.1\r\n")
+    assert b"Content-Type: application/octet-stream\r\n" in single and b"Accept: application/octet-stream" in single
+    assert single.endswith(b"\r\n\r\n" + pixels.tobytes()) and b"Content-Length: 64\r\n" in single
+    assert b"shape=3,1,8,8" in bulk and bulk.endswith(pixels.tobytes() * 3)
+
+    def result(rps: float, latency_ms: float, clients: int) -> loadgen.Result:
+        return loadgen.Result(clients, [latency_ms / 1000] * int(rps), 0, 1.0, {200: int(rps)})
+
+    figures = {
+        ("encode", 64, "ours"): (3000, 20),
+        ("encode v1 tensor", 64, "ours"): (3300, 18),
+        ("bulk encode v1 tensor", 1, "ours"): (50, 20),
+    }
+    cells = {key: serving.Cell([result(rps, ms, key[1])], [100.0]) for key, (rps, ms) in figures.items()}
+    table = serving.report(cells, bulk_images=256)
+    assert "| bulk encode v1 tensor | 1 | ours | 50 | 0 | 50.0 (12,800 img/s) |" in table
+    lines = serving.targets(cells, limit_images_per_s=25600, bulk_images=256, tensor_limit_images_per_s=16000)
+    assert any("v1 tensor vs the PNG upload: 3,300 vs 3,000 req/s = 1.10x" in line and "met" in line for line in lines)
+    assert any("12,800 images/s = 80% of the uint8 tensor in-process limit 16,000; 50% of the PNG" in line
+               and "(target >= 80% of the first: met)" in line for line in lines)  # fmt: skip
 
 
 @pytest.mark.e2e

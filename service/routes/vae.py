@@ -13,26 +13,29 @@ from fastapi import APIRouter, Request, Response
 
 from service import decoding, rendering
 from service.deps import RegistryDep, SettingsDep
-from service.openapi import ERRORS, image_responses, images_body, json_body, query
+from service.openapi import OCTET_STREAM, image_responses, images_body, json_body, query, raw_body
 from service.registry import ModelRegistry
 from service.schemas import (
     Call,
     DecodeRequest,
     DecodeResponse,
+    DecodeTensorQuery,
     EncodeRequest,
     EncodeResponse,
+    EncodeTensorQuery,
     InterpolateRequest,
     InterpolateResponse,
     ManifoldRequest,
     ManifoldResponse,
     ModelFormatQuery,
-    ModelQuery,
     ReconstructRequest,
     ReconstructResponse,
+    ReconstructTensorQuery,
     SampleRequest,
     SampleResponse,
     ScoreRequest,
     ScoreResponse,
+    ScoreTensorQuery,
 )
 from service.settings import Settings
 
@@ -59,7 +62,9 @@ async def answer(request: Request, call: Call[Any], settings: Settings, registry
             job.op, job.inputs, job.arg, timeout=settings.request_timeout_s, cancel_on=disconnected
         )
         result = served.predictor.encode_response(job, out, call)  # tensors -> plain values
-        response = await rendering.render(result, call.format, settings.gif_frame_ms)  # JSON, PNG or GIF
+        response = await rendering.render(
+            result, call.format, settings.gif_frame_ms, call.options
+        )  # JSON, image or tensor
     except BaseException:
         served.release(None)
         raise
@@ -69,23 +74,26 @@ async def answer(request: Request, call: Call[Any], settings: Settings, registry
 
 
 @router.post(
-    "/encode", response_model=EncodeResponse, responses=ERRORS, openapi_extra=images_body(EncodeRequest, ModelQuery)
+    "/encode",
+    response_model=EncodeResponse,
+    responses=image_responses(EncodeResponse, OCTET_STREAM),
+    openapi_extra=raw_body(images_body(EncodeRequest, ModelFormatQuery), EncodeTensorQuery),
 )
 async def encode_images(request: Request, settings: SettingsDep, registry: RegistryDep) -> Response:
     """Encode images to the posterior q(z|x): mean and log-variance, and a seeded sample z on request."""
-    call = await decoding.images_call(request, EncodeRequest, settings)
+    call = await decoding.images_call(request, EncodeRequest, settings, ("json", "tensor"))
     return await answer(request, call, settings, registry)
 
 
 @router.post(
     "/decode",
     response_model=DecodeResponse,
-    responses=image_responses(DecodeResponse, "image/png"),
-    openapi_extra=json_body(DecodeRequest, ModelFormatQuery),
+    responses=image_responses(DecodeResponse, "image/png", "image/jpeg", OCTET_STREAM),
+    openapi_extra=raw_body(json_body(DecodeRequest, ModelFormatQuery), DecodeTensorQuery, images=False),
 )
 async def decode_latents(request: Request, settings: SettingsDep, registry: RegistryDep) -> Response:
     """Decode latent vectors to images (the decoder's mean: probabilities for Bernoulli models, never logits)."""
-    call = await decoding.json_call(request, DecodeRequest, settings, ("json", "png"))
+    call = await decoding.json_call(request, DecodeRequest, settings, ("json", "png", "jpeg", "tensor"))
     return await answer(request, call, settings, registry)
 
 
@@ -107,21 +115,24 @@ async def sample_images(request: Request, settings: SettingsDep, registry: Regis
 @router.post(
     "/reconstruct",
     response_model=ReconstructResponse,
-    responses=image_responses(ReconstructResponse, "image/png"),
-    openapi_extra=images_body(ReconstructRequest, ModelFormatQuery),
+    responses=image_responses(ReconstructResponse, "image/png", "image/jpeg", OCTET_STREAM),
+    openapi_extra=raw_body(images_body(ReconstructRequest, ModelFormatQuery), ReconstructTensorQuery),
 )
 async def reconstruct_images(request: Request, settings: SettingsDep, registry: RegistryDep) -> Response:
     """Reconstruct images through the posterior mean, with each image's ELBO, reconstruction term and KL."""
-    call = await decoding.images_call(request, ReconstructRequest, settings, ("json", "png"))
+    call = await decoding.images_call(request, ReconstructRequest, settings, ("json", "png", "jpeg", "tensor"))
     return await answer(request, call, settings, registry)
 
 
 @router.post(
-    "/score", response_model=ScoreResponse, responses=ERRORS, openapi_extra=images_body(ScoreRequest, ModelQuery)
+    "/score",
+    response_model=ScoreResponse,
+    responses=image_responses(ScoreResponse, OCTET_STREAM),
+    openapi_extra=raw_body(images_body(ScoreRequest, ModelFormatQuery), ScoreTensorQuery),
 )
 async def score_images(request: Request, settings: SettingsDep, registry: RegistryDep) -> Response:
     """Score images: ELBO and importance-weighted log-likelihood (nats, bits/dim); low scores flag anomalies."""
-    call = await decoding.images_call(request, ScoreRequest, settings)
+    call = await decoding.images_call(request, ScoreRequest, settings, ("json", "tensor"))
     return await answer(request, call, settings, registry)
 
 

@@ -536,6 +536,7 @@
       badge.textContent = note || "no score yet";
       badge.dataset.reading = "none";
       $("#score-ll").textContent = "—";
+      $("#score-p").textContent = "—";
       if (!note) {
         $("#score-elbo").textContent = "—";
         $("#score-terms").textContent = "—";
@@ -543,13 +544,28 @@
       return;
     }
     const nll = -score.log_likelihood;
-    const reading = judge(nll);
+    const reading = score.p_value == null ? judge(nll) : calibrated(score);
     badge.textContent = reading.label;
     badge.dataset.reading = reading.level;
     $("#reading-tip").textContent = reading.tip;
     $("#score-ll").textContent = `${fmt(score.log_likelihood)} nats (${fmt(score.bits_per_dim, 3)} bits/dim)`;
     $("#score-elbo").textContent = `${fmt(score.elbo)} nats`;
     $("#score-terms").textContent = `${fmt(score.recon)} · ${fmt(score.kl)}`;
+    $("#score-p").textContent = score.p_value == null ? "— (model not calibrated)" : fmt(score.p_value, 3);
+  }
+
+  // The reading from the calibrated out-of-distribution score (docs/anomaly.md): its p-value against held-out images
+  // like the training data, and the server's decision at its false-positive rate.
+  function calibrated(score) {
+    const share = Math.round(score.p_value * 1000) / 10;
+    const tip =
+      `The calibrated out-of-distribution score combines log p(x), the KL and reconstruction terms and the image's ` +
+      `compressed size. p = ${fmt(score.p_value, 3)}: ${share} % of held-out images like the training data score ` +
+      `at least this unusual. The server calls an image unusual when p is at or below its false-positive rate ` +
+      `(5 % unless configured), so about 1 in 20 typical images is flagged too.`;
+    return score.is_anomaly
+      ? { level: "unusual", label: `unusual (p = ${fmt(score.p_value, 3)})`, tip }
+      : { level: "typical", label: `typical (p = ${fmt(score.p_value, 3)})`, tip };
   }
 
   async function useSample() {

@@ -30,8 +30,16 @@ def models_dir(tmp_path: Path, tiny_checkpoint: Path) -> Path:
 
 
 def start_server(models: Path, port: int, log: Path, *flags: str) -> subprocess.Popen[bytes]:
-    """`python -m service` serving `models` (default model `tiny`, one CPU thread) on loopback, output to `log`."""
-    env = {**os.environ, "VAE_DEFAULT_MODEL": "tiny", "VAE_CPU_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    """`python -m service` serving `models` (default model `tiny`, one CPU thread, gRPC on a free port) on loopback,
+    output to `log`."""
+    # gRPC on a free port: the default (8001) may be taken by another server on this machine.
+    env = {
+        **os.environ,
+        "VAE_DEFAULT_MODEL": "tiny",
+        "VAE_CPU_THREADS": "1",
+        "VAE_GRPC_PORT": "0",
+        "PYTHONUNBUFFERED": "1",
+    }
     command = [
         sys.executable,
         "-m",

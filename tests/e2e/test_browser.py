@@ -80,6 +80,24 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def calibrate_copy(source: Path, out: Path) -> None:
+    """A copy of a tiny checkpoint with an OOD calibration (model.calibrate) on held-out images like its data."""
+    import numpy as np
+    import torch
+
+    from model import checkpoint
+    from model.calibrate import calibrate
+
+    shutil.copytree(source, out)
+    model, _ = checkpoint.load(out)
+    rng = np.random.default_rng(100)
+    images = np.zeros((60, 1, 8, 8), dtype=np.float32)
+    for image in images:
+        top, left = rng.integers(0, 4, size=2)
+        image[0, top : top + 4, left : left + 4] = rng.integers(150, 256) / 255
+    assert calibrate(model, torch.from_numpy(images), out, k=8, log=lambda _: None) is not None
+
+
 @pytest.fixture(scope="module")
 def server(
     tmp_path_factory: pytest.TempPathFactory,
@@ -94,6 +112,7 @@ def server(
     shutil.copytree(tiny_checkpoint, models / "tiny")
     shutil.copytree(tiny_gaussian_checkpoint, models / "tiny-rgb")
     shutil.copytree(tiny_ae_checkpoint, models / "tiny-ae")
+    calibrate_copy(tiny_checkpoint, models / "tiny-cal")
     port = _free_port()
     env = {
         **os.environ,
@@ -381,3 +400,49 @@ def test_ae_vs_vae_decodes_the_same_codes_side_by_side(ui: Page) -> None:
             assert size[0] > 8 and size[1] > 8, (side, what, size)
     assert "seed 3" in page.text_content("#compare-ae-caption")
     assert ui.console_errors == []
+
+
+def test_a_calibrated_model_reads_typical_or_unusual_with_its_p_value(fresh_ui: Page) -> None:
+    ui = fresh_ui
+    page = ui.ready()
+    page.select_option("#model-select", "tiny-cal")
+    page.wait_for_selector("#model-card[data-model=tiny-cal]")
+    ui.draw("#draw", SEVEN)
+    page.click("#reconstruct")
+    page.wait_for_selector("#analyze[data-state=done]")
+    badge = page.text_content("#reading")
+    assert page.get_attribute("#reading", "data-reading") in ("typical", "unusual")
+    assert badge.startswith(("typical (p = ", "unusual (p = ")), badge
+    p_value = float(page.text_content("#score-p"))
+    assert 0.0 <= p_value <= 1.0
+    assert "held-out images" in page.text_content("#reading-tip")
+    assert ui.console_errors == []
+
+
+def test_api_docs_render_with_no_network_beyond_the_server(browser: Any, server: str) -> None:
+    """/docs (Swagger UI) and /redoc (ReDoc) render with every request to another host refused, as on an
+    air-gapped machine: their scripts and styles come from the server itself."""
+    context = browser.new_context()
+    outside: list[str] = []
+
+    def only_the_server(route: Any) -> None:
+        if route.request.url.startswith(server):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_the_server)
+    page = context.new_page()
+    page.set_default_timeout(ACTION_TIMEOUT_MS)
+    try:
+        page.goto(server + "/docs")
+        page.wait_for_selector(".swagger-ui .opblock-summary-path")  # the operations, rendered from /openapi.json
+        assert "/v1/encode" in page.text_content(".swagger-ui")
+        page.goto(server + "/redoc")
+        page.wait_for_selector("redoc h1, [role=main] h1, .api-content h1")
+        assert "vae-serve" in page.text_content("body")
+    finally:
+        context.close()
+    # All that was asked of another host (and refused): ReDoc's "API docs by Redocly" sidebar logo, decoration only.
+    assert [url for url in outside if not url.startswith("https://cdn.redoc.ly/redoc/logo")] == [], outside

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_checkpoint, write_synthetic_images
+from tiny_models import make_tiny_checkpoint, write_synthetic_images
 
 from model import checkpoint
 from model.report import METRICS_CSV
@@ -158,3 +158,80 @@ def test_torchrun_two_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     _, card = checkpoint.load(out)
     assert card["training"]["processes"] == 2 and card["training"]["command"].startswith("torchrun")
+
+
+def test_every_option_has_help_and_shows_its_default_once(capsys):
+    from model.train import build_parser
+
+    for action in build_parser()._actions:
+        assert action.help, f"{action.option_strings} has no help text"
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for line in out.split(" --")[1:]:
+        assert line.count("(default") <= 1, line
+    assert "--data-root" in out and "(default: None)" not in out
+
+
+def test_cli_defaults_come_from_the_config_dataclasses():
+    from model.train import TrainConfig, parse_args
+    from model.vae import VAEConfig
+
+    cfg, vae = parse_args([])
+    assert cfg.epochs == TrainConfig().epochs and cfg.eval_k == TrainConfig().eval_k
+    defaults = VAEConfig().to_dict()
+    for key in ("latent_dim", "encoder", "decoder", "activation", "upsample", "prior", "res_blocks"):
+        assert vae[key] == defaults[key], key
+    assert tuple(vae["hidden_dims"]) == defaults["hidden_dims"]
+
+
+def test_preset_default_is_the_shipped_architecture_and_flags_win():
+    from model.train import parse_args
+
+    _, vae = parse_args(["--preset", "default"])
+    assert (vae["encoder"], vae["decoder"], vae["latent_dim"], vae["prior"]) == ("conv", "conv", 50, "flow")
+    cfg, vae = parse_args(["--preset", "default", "--latent-dim", "8", "--lr", "3e-4"])
+    assert vae["latent_dim"] == 8 and cfg.lr == 3e-4 and vae["prior"] == "flow"
+
+
+def test_cosine_time_schedule_follows_the_budget(capsys):
+    from model.train import TrainConfig, learning_rate
+
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-5, lr_schedule="cosine-time", max_minutes=10)
+    assert learning_rate(cfg, 0, 0.0) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 0, 300.0) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert learning_rate(cfg, 0, 900.0) == pytest.approx(1e-5)
+    with pytest.raises(SystemExit):
+        train_main(["--lr-schedule", "cosine-time"])
+    assert "--max-minutes" in capsys.readouterr().err
+
+
+def test_missing_train_extra_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    with pytest.raises(SystemExit) as e:
+        train_main(["--epochs", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'pip install -e ".[train]"' in err and "tqdm" in err
+
+
+def test_learned_prior_on_a_training_subset_without_the_nll(tmp_path, capsys):
+    """--train-limit for a quick try, --eval-k 0 for no likelihood estimate, and a VampPrior through the CLI."""
+    out = make_tiny_checkpoint(
+        tmp_path,
+        "vamp",
+        "--prior",
+        "vamp",
+        "--vamp-components",
+        "3",
+        "--train-limit",
+        "20",
+        "--eval-k",
+        "0",
+        "--epochs",
+        "1",
+    )
+    model, card = checkpoint.load(out)
+    assert card["config"]["prior"] == "vamp" and card["dataset"]["train_images"] == 20
+    assert "test_nll" not in card["metrics"] and "evaluated_s" in card["metrics"]
+    assert "final evaluation on" in capsys.readouterr().out

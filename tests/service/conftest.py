@@ -47,7 +47,8 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, 
 
 
 def build_settings(root: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"models_dir": root, "default_model": "tiny", "cpu_threads": 1}
+    """In-process apps start no gRPC service unless a test asks for one (`grpc=True, grpc_port=0`)."""
+    values: dict[str, Any] = {"models_dir": root, "default_model": "tiny", "cpu_threads": 1, "grpc": False}
     return Settings(**{**values, **overrides})
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -13,6 +16,8 @@ from PIL import Image
 from service_helpers import digit_like, png
 
 from service.client import VAEClient, VAEServiceError
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Recorder:
@@ -154,3 +159,76 @@ def test_the_module_docstring_runs(settings_for, tmp_path, monkeypatch) -> None:
         server.should_exit = True
         thread.join(timeout=30)
     assert result.attempted >= 3 and result.failed == 0
+
+
+def test_score_sends_the_false_positive_rate() -> None:
+    rec = Recorder()
+    with client_with(rec) as vae:
+        vae.score([png(digit_like(0))], k=10, fpr=0.01)
+    body = rec.requests[0].content
+    assert b'name="fpr"\r\n\r\n0.01' in body and b'name="k"\r\n\r\n10' in body
+
+
+# -- numpy in, numpy out ---------------------------------------------------------------------------------------------
+def tensor_answer(array: np.ndarray, **headers: str) -> httpx.Response:
+    head = {
+        "content-type": "application/octet-stream",
+        "shape": json.dumps(list(array.shape)),
+        "dtype": array.dtype.name,
+    }
+    return httpx.Response(200, content=array.tobytes(), headers={**head, **headers})
+
+
+def test_array_methods_send_raw_tensors() -> None:
+    """uint8 pixels go as they are, (N, C, H, W); float pixels in [0, 1] as float32 in [-1, 1]; the answer's
+    `fields` name the arrays of the returned dict."""
+    posterior = np.arange(12, dtype=np.float32).reshape(2, 3, 2)
+    rec = Recorder(tensor_answer(posterior, fields='["mu", "logvar", "z"]'))
+    images = np.stack([digit_like(0), digit_like(1)])
+    with client_with(rec, model="tiny") as vae:
+        got = vae.encode_array(images, sample=True, seed=5)
+        vae.encode_array(images[0] / 255.0)
+    request, floats = rec.requests
+    assert request.url.path == "/v1/encode" and request.headers["content-type"] == "application/octet-stream"
+    assert request.headers["accept"] == "application/octet-stream"
+    params = dict(request.url.params)
+    assert params == {"shape": "2,1,8,8", "dtype": "uint8", "sample": "true", "seed": "5", "posterior": "true",
+                      "model": "tiny"}  # fmt: skip
+    assert request.content == images.tobytes()
+    assert sorted(got) == ["logvar", "mu", "z"] and np.array_equal(got["z"], posterior[:, 2])
+    got["mu"][0, 0] = 1.0  # writable copies
+    assert dict(floats.url.params)["shape"] == "1,1,8,8" and dict(floats.url.params)["dtype"] == "float32"
+    sent = np.frombuffer(floats.content, np.float32).reshape(8, 8)
+    np.testing.assert_allclose((sent + 1) / 2, images[0] / 255.0, atol=1e-7)
+
+
+def test_array_methods_return_channels_last_images() -> None:
+    unit = np.random.default_rng(0).random((2, 3, 8, 8), dtype=np.float32)
+    rec = Recorder(tensor_answer(unit))
+    with client_with(rec) as vae:
+        images = vae.decode_array([0.0, 1.0])  # one latent vector
+    assert images.shape == (2, 8, 8, 3) and np.array_equal(images, unit.transpose(0, 2, 3, 1))
+    params = dict(rec.requests[0].url.params)
+    assert params == {"output_type": "pil", "shape": "1,2", "dtype": "float32"}
+    grey = np.zeros((2, 8, 8), np.uint8)
+    rec = Recorder(tensor_answer(grey))
+    with client_with(rec) as vae:
+        assert vae.reconstruct_array(grey, dtype="uint8", seed=2).shape == (2, 8, 8)
+        with pytest.raises(ValueError, match="float32' or 'uint8'"):
+            vae.decode_array([[0.0, 0.0]], dtype="float16")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            vae.encode_array(np.full((8, 8), 2.0))
+        with pytest.raises(ValueError, match="shape"):
+            vae.score_array(np.zeros((2, 2, 8, 8, 1), np.uint8))
+    params = dict(rec.requests[0].url.params)
+    assert params == {"seed": "2", "partial_postprocess": "true", "shape": "2,1,8,8", "dtype": "uint8"}
+
+
+def test_array_helpers_need_numpy_not_torch() -> None:
+    code = (
+        "import sys, numpy as np; from service import client; "
+        "x = client._images_tensor(np.zeros((2, 8, 8), np.uint8)); client._image_options('uint8'); "
+        "assert x.shape == (2, 1, 8, 8) and 'torch' not in sys.modules, sorted(sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

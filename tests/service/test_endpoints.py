@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +78,7 @@ async def test_encode_sample_is_seeded_and_matches_reparameterize(client, tiny_m
     )
     assert first == again and first["seed"] == 123
     mu, logvar = tiny_model.encode(as_tensor(images))
-    z = tiny_model.reparameterize(mu, logvar, torch.Generator().manual_seed(123))
+    z = tiny_model.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(123))
     close([res["z"] for res in first["results"]], z)
     other = (await client.post("/v1/encode", json={**body, "seed": 124})).json()
     assert other["results"][0]["z"] != first["results"][0]["z"]
@@ -89,7 +91,9 @@ async def test_encode_multipart_form_fields(client, tiny_model) -> None:
     r = await client.post("/v1/encode", files=files(png(image)), data={"sample": "true", "seed": "7", "model": "tiny"})
     assert r.status_code == 200, r.text
     mu, logvar = tiny_model.encode(as_tensor([image]))
-    close([r.json()["results"][0]["z"]], tiny_model.reparameterize(mu, logvar, torch.Generator().manual_seed(7)))
+    close(
+        [r.json()["results"][0]["z"]], tiny_model.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(7))
+    )
 
 
 # -- decode ---------------------------------------------------------------------------------------------------------
@@ -320,6 +324,17 @@ async def test_openapi_lists_every_endpoint_with_examples(client) -> None:
         assert path in schema["paths"]
     assert "image/png" in schema["paths"]["/v1/sample"]["get"]["responses"]["200"]["content"]
     assert (await client.get("/docs")).status_code == 200
+
+
+async def test_every_reference_in_the_openapi_schema_resolves(client) -> None:
+    # A dangling $ref renders as "Something went wrong" in ReDoc (the v2 request's nested models once did).
+    schema = (await client.get("/openapi.json")).json()
+    refs = set(re.findall(r'"\$ref": ?"([^"]+)"', json.dumps(schema)))
+    assert refs, "no $ref at all: the check would pass vacuously"
+    for ref in refs:
+        assert ref.startswith("#/components/schemas/"), ref
+        assert ref.rsplit("/", 1)[1] in schema["components"]["schemas"], ref
+    assert "$defs" not in json.dumps(schema["paths"])
 
 
 async def test_index_serves_the_static_page_when_present(settings_for, monkeypatch, tmp_path) -> None:

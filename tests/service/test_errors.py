@@ -33,7 +33,8 @@ def noisy_png(size: int = 64) -> bytes:
 async def test_wrong_content_type(client) -> None:
     r = await client.post("/v1/encode", content=b"hello", headers={"Content-Type": "text/plain"})
     assert_error(r, 415, "unsupported_media_type", "multipart/form-data", "text/plain")
-    assert_error(await client.post("/v1/encode", content=b"x"), 415, "unsupported_media_type")
+    # No Content-Type is a raw body (docs/binary-tensors.md): without `shape`, one image file.
+    assert_error(await client.post("/v1/encode", content=b"x"), 400, "invalid_payload", "not a PNG or JPEG")
     r = await client.post("/v1/decode", files=files(png(digit_like(0))))
     assert_error(r, 415, "unsupported_media_type", "application/json")
 
@@ -82,7 +83,7 @@ async def test_upload_over_the_size_limit(settings_for) -> None:
                 yield big[i : i + 512]
 
         r = await client.post("/v1/encode", content=chunked(), headers={"Content-Type": "image/png"})
-        assert_error(r, 415, "unsupported_media_type")
+        assert_error(r, 413, "payload_too_large")  # a raw image body
         r = await client.post("/v1/decode", content=chunked(), headers={"Content-Type": "application/json"})
         assert_error(r, 413, "payload_too_large")
 
@@ -233,7 +234,7 @@ async def test_not_acceptable(client) -> None:
 
 
 async def test_unknown_route_and_method(client) -> None:
-    assert_error(await client.get("/v2/nothing"), 404, "not_found")
+    assert_error(await client.get("/v3/nothing"), 404, "not_found")
     assert_error(await client.get("/v1/encode"), 405, "method_not_allowed")
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 import schemathesis
+from hypothesis import strategies as st
 from schemathesis.config import SchemathesisConfig
 from schemathesis.python import asgi
 from service_helpers import assert_error, b64, digit_like, files, png
@@ -43,6 +44,18 @@ def no_traceback(ctx, response, case) -> None:
     assert not leaked, f"the response body leaks server internals: {leaked}"
 
 
+@schemathesis.hook
+def flatmap_path_parameters(ctx, path_parameters):
+    """A v2 path names a model, and a random name is a 404 before the body is read: 3 cases in 4 name a served one."""
+    if not path_parameters or "model_name" not in path_parameters:
+        return st.just(path_parameters)
+    served = {"model_name": st.sampled_from(["tiny-encoder", "tiny-decoder", "tiny-scorer", "tiny-rgb-encoder"])}
+    if "model_version" in path_parameters:
+        served["model_version"] = st.sampled_from(["1", path_parameters["model_version"]])
+    named = st.fixed_dictionaries(served)
+    return st.one_of(st.just(path_parameters), named, named, named)
+
+
 schema = schemathesis.pytest.from_fixture("api_schema")
 
 
@@ -56,6 +69,8 @@ def test_every_operation_was_fuzzed(api_schema) -> None:
     operations = {result.ok().label for result in api_schema.get_all_operations()}
     assert set(cases_run) == operations
     assert min(cases_run.values()) >= 5, cases_run
+    # The Open Inference Protocol's routes are in the schema, so in the run: JSON and binary bodies, and the header.
+    assert {"GET /v2", "GET /v2/models/{model_name}", "POST /v2/models/{model_name}/infer"} <= set(cases_run)
     print(f"\nfuzz cases: {sum(cases_run.values())} over {len(cases_run)} operations: {dict(cases_run)}")
 
 

@@ -76,7 +76,13 @@ def root(tmp_path: Path, weights: dict[str, Path]) -> Path:
 
 
 def settings(root: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"models_dir": root, "default_model": "tiny", "cpu_threads": 1, "admin_key": KEY}
+    values: dict[str, Any] = {
+        "models_dir": root,
+        "default_model": "tiny",
+        "cpu_threads": 1,
+        "admin_key": KEY,
+        "grpc": False,
+    }
     return Settings(**{**values, **overrides})
 
 

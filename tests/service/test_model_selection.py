@@ -77,6 +77,10 @@ async def test_get_verbs_select_by_query_and_refuse_unknown_parameters(client, v
     assert_error(await client.get(f"/v1/{verb}?{GETS[verb]}&modle=tiny-rgb"), 422, "invalid_request", "query.modle")
 
 
-async def test_format_on_a_json_only_endpoint_is_an_unknown_parameter(client) -> None:
+async def test_a_format_the_endpoint_cannot_produce_is_refused(client) -> None:
+    """encode answers JSON or a raw tensor (docs/binary-tensors.md): a PNG is a 406 naming those; a misspelt
+    `formt` is an unknown parameter."""
     r = await client.post("/v1/encode?format=png", **request_for("encode", "tiny"))
-    assert_error(r, 422, "invalid_request", "query.format")
+    assert_error(r, 406, "not_acceptable", "json", "tensor")
+    r = await client.post("/v1/encode?formt=json", **request_for("encode", "tiny"))
+    assert_error(r, 422, "invalid_request", "query.formt")

@@ -77,16 +77,16 @@ def test_the_default_model_without_a_setting() -> None:
 @pytest.mark.anyio
 async def test_a_one_model_server_starts_with_that_model_as_default(tiny_checkpoint) -> None:
     """`python -m service --models path/to/tiny` with no --default-model: `tiny` answers requests naming none."""
-    async with serve(Settings(models=[str(tiny_checkpoint)], cpu_threads=1)) as (_, client):
+    async with serve(Settings(models=[str(tiny_checkpoint)], cpu_threads=1, grpc=False)) as (_, client):
         assert (await client.get("/v1/models")).json()["default"] == tiny_checkpoint.name
         r = await client.post("/v1/decode", json={"latents": [[0.0, 0.0]]})
         assert r.status_code == 200 and r.json()["model"] == tiny_checkpoint.name
 
 
 def test_dependency_direction() -> None:
-    """service imports only model's inference surface (vae, checkpoint, losses, preprocess, latent), never the
-    training loop or dataset readers; `import service` and the client load neither torch nor FastAPI. (That model
-    never imports service is tests/model/test_boundary.py's job.)"""
+    """service imports only model's inference surface (vae, priors, checkpoint, losses, preprocess, latent, anomaly,
+    device), never the training loop or dataset readers; `import service` and the client load neither torch nor
+    FastAPI. (That model never imports service is tests/model/test_boundary.py's job.)"""
     code = "import sys, service, service.client; assert not {'torch', 'fastapi'} & set(sys.modules), sys.modules"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -98,5 +98,7 @@ def test_dependency_direction() -> None:
                 used.update(".".join(n.split(".")[:2]) for n in names)
             elif isinstance(node, ast.Import):
                 used.update(".".join(a.name.split(".")[:2]) for a in node.names if a.name.split(".")[0] == "model")
-    allowed = {f"model.{m}" for m in ("vae", "checkpoint", "losses", "preprocess", "latent")}
+    allowed = {
+        f"model.{m}" for m in ("vae", "priors", "checkpoint", "losses", "preprocess", "latent", "device", "anomaly")
+    }
     assert used and used <= allowed, used - allowed

@@ -1,9 +1,10 @@
 """AE vs VAE: why the VAE is a generative model and the plain autoencoder is not.
 
-`python -m model.compare AE_CHECKPOINT VAE_CHECKPOINT --out docs/ae-vs-vae/mnist` writes, for two models trained on
-the same data: prior samples decoded by each (the same N(0, I) codes), the test set's latent codes side by side
-(coloured by class when the dataset has labels), interpolations between the same test pairs, and `metrics.json`:
-reconstruction error, the share of prior samples a check judges plausible, and how far the codes are from N(0, I).
+`python -m experiments.compare AE_CHECKPOINT VAE_CHECKPOINT --out docs/ae-vs-vae/mnist` writes, for two models
+trained on the same data: prior samples decoded by each (the same N(0, I) codes), the test set's latent codes side
+by side (coloured by class when the dataset has labels), interpolations between the same test pairs, and
+`metrics.json`: reconstruction error, the share of prior samples a check judges plausible, and how far the codes
+are from N(0, I).
 """
 
 from __future__ import annotations
@@ -84,8 +85,18 @@ def panel(ax, images: torch.Tensor, nrow: int, title: str) -> None:
     ax.axis("off")
 
 
-def compare(ae: VAE, vae: VAE, x_test: torch.Tensor, labels: torch.Tensor | None, classifier: nn.Module | None,
-            out: Path, n_samples: int = 64, n_pairs: int = 6, steps: int = 10, seed: int = 0) -> dict:  # fmt: skip
+def compare(
+    ae: VAE,
+    vae: VAE,
+    x_test: torch.Tensor,
+    labels: torch.Tensor | None,
+    classifier: nn.Module | None,
+    out: Path,
+    n_samples: int = 64,
+    n_pairs: int = 6,
+    steps: int = 10,
+    seed: int = 0,
+) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,11 +162,15 @@ def compare(ae: VAE, vae: VAE, x_test: torch.Tensor, labels: torch.Tensor | None
             "reconstruction_mse": round(reconstruction_error(model, x_test), 5),
             "codes_kl_to_prior": round(gaussian_kl_to_standard(codes[name.upper()], variances[name.upper()]), 3),
             "code_norm_mean": round(float(codes[name.upper()].norm(dim=1).mean()), 3),
-            "prior_norm_mean": round(math.sqrt(2) * math.exp(math.lgamma((model.config.latent_dim + 1) / 2)
-                                                             - math.lgamma(model.config.latent_dim / 2)), 3),
-            "vae_plausible_share": round(vae_plausible_share(vae, _as_data(vae, samples[name.upper()], g), x_test,
-                                                             seed), 3),
-        }  # fmt: skip
+            "prior_norm_mean": round(
+                math.sqrt(2)
+                * math.exp(math.lgamma((model.config.latent_dim + 1) / 2) - math.lgamma(model.config.latent_dim / 2)),
+                3,
+            ),
+            "vae_plausible_share": round(
+                vae_plausible_share(vae, _as_data(vae, samples[name.upper()], g), x_test, seed), 3
+            ),
+        }
         if classifier is not None:
             metrics[name]["classifier_confident_share"] = round(confident_share(classifier, samples[name.upper()]), 3)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -168,8 +183,11 @@ def _as_data(vae: VAE, images: torch.Tensor, g: torch.Generator) -> torch.Tensor
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m model.compare", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.compare",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("ae", help="the plain autoencoder's checkpoint")
     p.add_argument("vae", help="the VAE's checkpoint (same dataset)")
     p.add_argument("--out", required=True, help="folder for the figures and metrics.json")
@@ -189,8 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     if ae_card["dataset"]["name"] != vae_card["dataset"]["name"] or ae.config.input_shape != vae.config.input_shape:
         p.exit(2, "error: the two checkpoints were trained on different data\n")
     image_dir = vae_card["training"]["config"].get("image_dir")
-    data = load_dataset(vae_card["dataset"]["name"], a.data_root or default_data_root(), image_dir,
-                        vae.config.input_shape)  # fmt: skip
+    data = load_dataset(
+        vae_card["dataset"]["name"], a.data_root or default_data_root(), image_dir, vae.config.input_shape
+    )
     grey = to_float(data.test)[: a.test_images]
     labels = None if data.test_labels is None else data.test_labels[: a.test_images]
     x_test = fixed_binarized(grey) if vae.config.likelihood == "bernoulli" else grey

@@ -2,9 +2,9 @@ import json
 
 import torch
 
+from experiments.compare import gaussian_kl_to_standard
+from experiments.compare import main as compare_main
 from model import checkpoint
-from model.compare import gaussian_kl_to_standard
-from model.compare import main as compare_main
 
 
 def test_kl_of_codes_to_the_prior():

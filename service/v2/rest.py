@@ -1,0 +1,117 @@
+"""The Open Inference Protocol's REST API under /v2, on the HTTP port: health, metadata and inference.
+
+Errors are `{"error": "..."}` (service.errors chooses the statuses: 400 for any request the server cannot use). The
+API key, when the server has one, is needed everywhere but /v2/health/* (service.security)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from service import __version__
+from service.deps import RegistryDep, SettingsDep
+from service.errors import ModelNotReady
+from service.openapi import schema_of
+from service.v2 import catalog, codec, inference
+from service.v2.codec import HEADER, V2Error
+
+router = APIRouter(prefix="/v2", tags=["v2"])
+EXTENSIONS = ["binary_tensor_data", "parameters"]
+V2_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": V2Error, "description": text}
+    for status, text in {
+        400: "a request the model cannot use: its JSON, a tensor's name, datatype, shape or byte count, a parameter, "
+        "a limit",
+        401: "API key missing or wrong (only when the server has one)",
+        404: "no such model (or version)",
+        408: "the request body did not arrive within body_timeout_s",
+        413: "body over max_request_bytes",
+        503: "not ready, or overloaded (with Retry-After)",
+        504: "no result within request_timeout_s",
+    }.items()
+}
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            codec.JSON: {"schema": schema_of(codec.InferenceRequest)},
+            codec.BINARY: {"schema": {"type": "string", "format": "binary"}},
+        },
+        "description": f"JSON, or (with {HEADER}) a JSON header followed by the inputs' binary data",
+    },
+    "parameters": [
+        {
+            "name": HEADER,
+            "in": "header",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 0},
+            "description": "the JSON header's length in bytes: the binary tensor data extension (0: no JSON header, "
+            "the body is one item of the model's input)",
+        }
+    ],
+}
+INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": codec.InferenceResponse,
+        "content": {codec.BINARY: {"schema": {"type": "string", "format": "binary"}}},
+        "description": f"JSON, or (when an output is asked for as binary data) a JSON header of {HEADER} bytes "
+        "followed by the binary outputs",
+    },
+    **V2_ERRORS,
+}
+READY: dict[int | str, dict[str, Any]] = {200: {"description": "ready"}, 503: {"description": "not ready"}}
+
+
+@router.get("", responses=V2_ERRORS)
+async def server_metadata() -> dict[str, Any]:
+    """The server's name, version and protocol extensions."""
+    return {"name": "vae-serve", "version": __version__, "extensions": EXTENSIONS}
+
+
+@router.get("/health/live")
+async def server_live() -> dict[str, bool]:
+    """The process is alive."""
+    return {"live": True}
+
+
+@router.get("/health/ready", responses=READY)
+async def server_ready(registry: RegistryDep) -> JSONResponse:
+    """Every model is loaded and warm (503 before that and while shutting down)."""
+    return JSONResponse({"ready": registry.ready}, status_code=200 if registry.ready else 503)
+
+
+@router.get("/models/{model_name}", responses=V2_ERRORS)
+@router.get("/models/{model_name}/versions/{model_version}", responses=V2_ERRORS)
+async def model_metadata(model_name: str, registry: RegistryDep, model_version: str | None = None) -> dict[str, Any]:
+    """A model's inputs and outputs: names, datatypes, shapes (-1: any size)."""
+    return catalog.resolve(registry, model_name, model_version).metadata()
+
+
+@router.get("/models/{model_name}/ready", responses={**V2_ERRORS, **READY})
+@router.get("/models/{model_name}/versions/{model_version}/ready", responses={**V2_ERRORS, **READY})
+async def model_ready(model_name: str, registry: RegistryDep, model_version: str | None = None) -> JSONResponse:
+    """Whether the model can take requests (503 before start-up has finished and while shutting down)."""
+    try:
+        model = catalog.resolve(registry, model_name, model_version)
+    except ModelNotReady:
+        return JSONResponse({"name": model_name, "ready": False}, status_code=503)
+    return JSONResponse({"name": model.name, "ready": True})
+
+
+@router.post("/models/{model_name}/infer", responses=INFER_RESPONSES, openapi_extra=INFER_BODY)
+@router.post("/models/{model_name}/versions/{model_version}/infer", responses=INFER_RESPONSES, openapi_extra=INFER_BODY)
+async def model_infer(
+    model_name: str, request: Request, settings: SettingsDep, registry: RegistryDep, model_version: str | None = None
+) -> Response:
+    """Run the model: JSON tensors, or binary ones (the binary tensor data extension), both ways."""
+    model = catalog.resolve(registry, model_name, model_version)
+    decoded = await codec.read_request(request, model, settings)  # the body -> checked arrays
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    result = await inference.run(decoded, settings, cancel_on=disconnected)  # predictor and batcher
+    return codec.render(result, decoded)  # JSON, or JSON and binary outputs
