@@ -18,86 +18,15 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from service_helpers import assert_error, copy_checkpoint, digit_like, files, png, serve
+from lifecycle_helpers import ADMIN, computed_by, corrupt_weights, decode, put_version, seeded_latents, settings
+from service_helpers import assert_error, digit_like, files, png, serve
 
 from model import checkpoint
 from model.vae import VAE
 from service.errors import ModelNotFound
 from service.registry import IndexEntry, natural_key
-from service.settings import Settings
 
 pytestmark = pytest.mark.anyio
-KEY = "admin-secret"
-ADMIN = {"X-Admin-Key": KEY}
-TOL = {"atol": 1e-5, "rtol": 1e-5}
-
-
-@pytest.fixture(scope="session")
-def other_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
-    """The tiny model's architecture with other weights: a second version whose answers differ from the first's."""
-    model, card = checkpoint.load(tiny_checkpoint)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.5 * torch.randn(p.shape, generator=g))
-    directory = tmp_path_factory.mktemp("other") / "tiny-b"
-    checkpoint.save(model, card, directory)
-    return directory
-
-
-@pytest.fixture(scope="session")
-def weights(tiny_checkpoint: Path, other_checkpoint: Path) -> dict[str, Path]:
-    return {"a": tiny_checkpoint, "b": other_checkpoint}
-
-
-@pytest.fixture(scope="session")
-def oracles(weights: dict[str, Path]) -> dict[str, VAE]:
-    return {key: checkpoint.load(path)[0] for key, path in weights.items()}
-
-
-def put_version(folder: Path, version: str, source: Path) -> Path:
-    """Copy a checkpoint in as a version the safe way: under a dot-name (never read), then renamed."""
-    folder.mkdir(exist_ok=True)
-    staging = folder / f".{version}.incoming"
-    shutil.copytree(source, staging)
-    os.replace(staging, folder / version)
-    return folder / version
-
-
-@pytest.fixture
-def root(tmp_path: Path, weights: dict[str, Path]) -> Path:
-    """models/ with `tiny` (flat: one version, "1") and `swap` (versions 1: weights a, 2: weights b)."""
-    models = tmp_path / "models"
-    models.mkdir()
-    copy_checkpoint(weights["a"], models / "tiny")
-    put_version(models / "swap", "1", weights["a"])
-    put_version(models / "swap", "2", weights["b"])
-    return models
-
-
-def settings(root: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "models_dir": root,
-        "default_model": "tiny",
-        "cpu_threads": 1,
-        "admin_key": KEY,
-        "grpc": False,
-    }
-    return Settings(**{**values, **overrides})
-
-
-async def decode(client: httpx.AsyncClient, model: str | None, z: list[list[float]]) -> httpx.Response:
-    query = "" if model is None else f"?model={model}"
-    return await client.post(f"/v1/decode{query}", json={"latents": z, "encoding": "pixels"})
-
-
-def computed_by(oracle: VAE, z: list[list[float]], pixels: list[Any]) -> bool:
-    expected = oracle.mean_image(oracle.decode(torch.tensor(z)))
-    return torch.allclose(torch.tensor(pixels), expected, **TOL)
-
-
-def seeded_latents(seed: int, n: int = 1) -> list[list[float]]:
-    return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 # -- versions ----------------------------------------------------------------------------------------------------------
@@ -209,11 +138,6 @@ async def test_reload_serves_new_versions_and_drops_removed_ones(root: Path, wei
         r = await client.post("/v1/models/swap/reload", headers=ADMIN)
         assert (r.json()["loaded"], r.json()["unloaded"]) == (["3"], ["3"])
         assert computed_by(oracles["b"], z, (await decode(client, "swap", z)).json()["pixels"])
-
-
-def corrupt_weights(version: Path) -> None:
-    weights = version / checkpoint.WEIGHTS_FILE
-    weights.write_bytes(weights.read_bytes()[:100])
 
 
 def nan_weights(version: Path) -> None:
