@@ -424,6 +424,12 @@ class ModelRegistry:
             raise self._missing(name)
         return served
 
+    def versions(self, name: str) -> dict[str, ServedModel]:
+        """The versions of model `name` serving now, oldest first; empty when it is not served. To describe them (not
+        held, as `get`)."""
+        state = self.states.get(name)
+        return dict(state.versions) if state is not None and state.default is not None else {}
+
     def check_ready(self) -> None:
         """Raises ModelNotReady before `start` has finished and after `stop` began."""
         if not self.ready:

@@ -97,19 +97,23 @@ class InferenceServicer:
         )
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        model = catalog.resolve(self.registry, request.model_name, request.model_version)
-        decoded = codec.decode(
-            model,
-            request.id or None,
-            {name: parameter(value) for name, value in request.parameters.items()},
-            wire_inputs(request),
-            [(o.name, {k: parameter(v) for k, v in o.parameters.items()}) for o in request.outputs],
-            self.settings,
+        def decode(model: catalog.V2Model) -> codec.Inference:
+            return codec.decode(
+                model,
+                request.id or None,
+                {name: parameter(value) for name, value in request.parameters.items()},
+                wire_inputs(request),
+                [(o.name, {k: parameter(v) for k, v in o.parameters.items()}) for o in request.outputs],
+                self.settings,
+            )
+
+        # The version named (none: the default) held while it computes; a cancelled call withdraws its queued work.
+        decoded, result = await inference.answer(
+            self.registry, request.model_name, request.model_version, decode, self.settings
         )
-        result = await inference.run(decoded, self.settings)  # a cancelled call withdraws its queued work
         return pb.ModelInferResponse(
-            model_name=model.name,
-            model_version=catalog.VERSION,
+            model_name=decoded.model.name,
+            model_version=decoded.model.version,
             id=request.id,
             parameters={k: infer_parameter(v) for k, v in result.parameters.items()},
             outputs=[

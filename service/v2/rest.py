@@ -106,12 +106,19 @@ async def model_infer(
     model_name: str, request: Request, settings: SettingsDep, registry: RegistryDep, model_version: str | None = None
 ) -> Response:
     """Run the model: JSON tensors, or binary ones (the binary tensor data extension), both ways."""
-    model = catalog.resolve(registry, model_name, model_version)
-    decoded = await codec.read_request(request, model, settings)  # the body -> checked arrays
+    catalog.resolve(registry, model_name, model_version)  # an unknown model or version: 404 before the body is read
+    body = await codec.read(request, settings)
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    result = await inference.run(decoded, settings, cancel_on=disconnected)  # predictor and batcher
-    return codec.render(result, decoded)  # JSON, or JSON and binary outputs
+    decoded, result = await inference.answer(  # the version named, held: the body checked against it, then computed
+        registry,
+        model_name,
+        model_version,
+        lambda model: codec.parse(request, body, model, settings),
+        settings,
+        cancel_on=disconnected,
+    )
+    return codec.render(result, decoded)  # JSON, or JSON and binary outputs, naming the version that computed them

@@ -108,6 +108,12 @@ def oracles(weights: dict[str, Path]) -> dict[str, VAE]:
     return {key: checkpoint.load(path)[0] for key, path in weights.items()}
 
 
+@pytest.fixture(scope="session")
+def ae_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's shapes as a plain autoencoder: a version with no likelihood, so no v2 scorer."""
+    return make_ae_checkpoint(tmp_path_factory.mktemp("ae") / "tiny-ae")
+
+
 @pytest.fixture
 def root(tmp_path: Path, weights: dict[str, Path]) -> Path:
     """models/ with `tiny` (flat: one version, "1") and `swap` (versions 1: weights a, 2: weights b)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import torch
 
 from model import checkpoint
@@ -49,7 +50,7 @@ async def decode(client: httpx.AsyncClient, model: str | None, z: list[list[floa
 def computed_by(oracle: VAE, z: list[list[float]], pixels: Any) -> bool:
     """Whether `pixels` are the oracle's decoding of `z` (the decoder's mean)."""
     expected = oracle.mean_image(oracle.decode(torch.tensor(z)))
-    return torch.allclose(torch.as_tensor(pixels), expected, **TOL)
+    return torch.allclose(torch.tensor(np.array(pixels, dtype=np.float32)), expected, **TOL)  # JSON lists or arrays
 
 
 def seeded_latents(seed: int, n: int = 1) -> list[list[float]]:
