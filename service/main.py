@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(admin.router)  # 404 for every call unless the settings hold an admin key
     app.include_router(v2.router)  # the Open Inference Protocol (docs/protocols.md)
+    app.include_router(v2.repository_router)  # its repository extension: 404s unless there is an admin key
     app.include_router(metrics.router)
     web.mount(app)
     app.openapi = with_definitions(app.openapi)  # type: ignore[method-assign]

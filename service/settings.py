@@ -73,8 +73,8 @@ class Settings(BaseSettings):
     # -- models at run time (docs/models.md) ------------------------------------------------------------------
     admin_key: SecretStr | None = Field(
         None,
-        description="when set, the admin API is on: POST /v1/models/{name}/reload, /load and /unload need "
-        "`X-Admin-Key: <key>`; unset, those routes answer 404",
+        description="when set, the admin API is on: POST /v1/models/{name}/reload, /load and /unload and the v2 "
+        "repository extension (POST /v2/repository/...) need `X-Admin-Key: <key>`; unset, those routes answer 404",
     )
     watch_models_s: float = Field(
         0.0,

@@ -9,6 +9,7 @@ gRPC: another route and another decoding and rendering over the same registry, p
                     a model's metadata; REST bodies in and out
     inference.py    one inference: the version named, held while the Call goes through its predictor and batcher (as
                     /v1's answer); the outputs as arrays
+    repository.py   the model repository extension (index, load, unload) over the registry, behind the admin key
     rest.py         the /v2 routes on the HTTP port
     grpc_server.py  GRPCInferenceService (grpc.aio, on the same event loop) on its own port
 """
