@@ -4,7 +4,8 @@ Clients are asyncio Protocols over HTTP/1.1 keep-alive connections (uvloop when 
 pre-built request and the next one as soon as the previous answer is complete: a closed loop, N requests in flight
 for N clients. Parsing an answer is two `bytes.find` calls, so the generator costs far less CPU per request than any
 server it measures; it still shares the machine with it, so on a small host the figures are relative, not absolute.
-A run stops after `max_requests` answers or `duration` seconds, whichever comes first.
+A run stops after `max_requests` answers or `duration` seconds, whichever comes first. Given a list of requests,
+client n sends the list's entries n, n + clients, n + 2 * clients, ... (wrapping), and `on_answer` sees every answer.
 
     from bench import loadgen
     request = loadgen.get_request(port, "/healthz")
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,22 +150,37 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+# on_answer(request index, status, response head, body, when sent (perf_counter), latency s)
+OnAnswer = Callable[[int, int, bytes, bytes, float, float], None]
+
+
 class _Shared:
-    def __init__(self, result: Result, budget: int, deadline: float) -> None:
+    def __init__(self, result: Result, budget: int, deadline: float, on_answer: OnAnswer | None = None) -> None:
         self.result = result
         self.budget = budget
         self.deadline = deadline
+        self.on_answer = on_answer
 
 
 class _Client(asyncio.Protocol):
     """One keep-alive connection: send, read one whole answer (Content-Length framing), send again."""
 
-    def __init__(self, shared: _Shared, request: bytes, done: asyncio.Future[None]) -> None:
+    def __init__(
+        self,
+        shared: _Shared,
+        request: bytes | Sequence[bytes],
+        done: asyncio.Future[None],
+        first: int = 0,
+        step: int = 1,
+    ) -> None:
         self.shared = shared
-        self.request = request
+        self.requests = [request] if isinstance(request, bytes) else request
+        self.index = first - step  # of the request in flight, in self.requests (wrapping)
+        self.step = step
         self.done = done
         self.buffer = bytearray()
         self.need = -1  # bytes of the answer in flight once its head is parsed
+        self.head_end = 0
         self.status = 0
         self.started = 0.0
         self.transport: asyncio.Transport | None = None
@@ -179,8 +195,9 @@ class _Client(asyncio.Protocol):
             self._finish()
             return
         s.budget -= 1
+        self.index += self.step
         self.started = time.perf_counter()
-        self.transport.write(self.request)  # type: ignore[union-attr]
+        self.transport.write(self.requests[self.index % len(self.requests)])  # type: ignore[union-attr]
 
     def _finish(self) -> None:
         if not self.done.done():
@@ -202,6 +219,7 @@ class _Client(asyncio.Protocol):
             value_end = head.find(b"\r\n", at + 2)
             self.need = end + 4 + int(head[at + 17 : value_end if value_end >= 0 else None])
             self.status = int(head[9:12])
+            self.head_end = end
         if len(self.buffer) < self.need:
             return
         latency = time.perf_counter() - self.started
@@ -210,6 +228,10 @@ class _Client(asyncio.Protocol):
         r.statuses[self.status] = r.statuses.get(self.status, 0) + 1
         if self.status != 200:
             r.errors += 1
+        if self.shared.on_answer is not None:
+            head, body = bytes(self.buffer[: self.head_end]), bytes(self.buffer[self.head_end + 4 : self.need])
+            index = self.index % len(self.requests)
+            self.shared.on_answer(index, self.status, head, body, self.started, latency)
         del self.buffer[: self.need]
         self.need = -1
         self._send()
@@ -224,17 +246,28 @@ class _Client(asyncio.Protocol):
             self.done.set_result(None)
 
 
-async def load(port: int, request: bytes, clients: int, max_requests: int, duration: float) -> Result:
-    """`clients` connections to 127.0.0.1:`port`, each sending `request` back to back, until `max_requests`
-    answers or `duration` seconds."""
+async def load(
+    port: int,
+    request: bytes | Sequence[bytes],
+    clients: int,
+    max_requests: int,
+    duration: float,
+    on_answer: OnAnswer | None = None,
+) -> Result:
+    """`clients` connections to 127.0.0.1:`port`, each sending `request` (or its share of a list of requests) back
+    to back, until `max_requests` answers or `duration` seconds; `on_answer` sees each answer."""
     loop = asyncio.get_running_loop()
     result = Result(clients=clients)
-    shared = _Shared(result, max_requests, time.perf_counter() + duration)
+    shared = _Shared(result, max_requests, time.perf_counter() + duration, on_answer)
     done = [loop.create_future() for _ in range(clients)]
     started = time.perf_counter()
-    for future in done:
+    for n, future in enumerate(done):
         try:
-            await loop.create_connection(lambda f=future: _Client(shared, request, f), HOST, port)  # type: ignore[misc]
+            await loop.create_connection(
+                lambda f=future, n=n: _Client(shared, request, f, n, clients),  # type: ignore[misc]
+                HOST,
+                port,
+            )
         except OSError:
             result.errors += 1
             future.set_result(None)

@@ -15,6 +15,8 @@ from pydantic import SecretStr, ValidationError
 
 from service.settings import Settings
 
+SECRETS = ("api_key", "admin_key")
+
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, field in Settings.model_fields.items():
         style, conv = _kind(field.annotation)
         env = "VAE_" + name.upper()
-        default = field.default if name != "api_key" else None
+        default = field.default if name not in SECRETS else None
         help_text = f"{field.description or name} (env {env}; default: {default})"
         if style == "bool":
             parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(_flag(name), choices=conv, default=None, help=help_text)
         else:
             parser.add_argument(
-                _flag(name), type=conv, default=None, metavar="KEY" if name == "api_key" else None, help=help_text
+                _flag(name), type=conv, default=None, metavar="KEY" if name in SECRETS else None, help=help_text
             )
     return parser
 

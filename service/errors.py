@@ -43,9 +43,25 @@ class Unauthorized(ServiceError):
 
 
 class ModelNotFound(ServiceError):
-    """404: the request names a model this server does not serve."""
+    """404: the request names a model, or a version of one, that this server does not serve (the detail names
+    those it does)."""
 
     status, code = 404, "model_not_found"
+
+
+class AdminOff(ServiceError):
+    """404: an admin call (reload, load, unload) while the admin API is off: it is on only when VAE_ADMIN_KEY is
+    set."""
+
+    status, code = 404, "not_found"
+
+
+class InvalidModelFolder(ServiceError):
+    """422: a model folder, or a version in it, that fails validation (no checkpoint, a bad card or versions.json,
+    weights that miss their hash or do not fit the config, outputs that are not finite). Whatever served before
+    still serves."""
+
+    status, code = 422, "invalid_model"
 
 
 class NotAcceptable(ServiceError):

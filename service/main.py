@@ -11,7 +11,7 @@ from service.lifespan import StartupMessage, lifespan
 from service.metrics import Metrics, MetricsMiddleware
 from service.openapi import with_definitions
 from service.registry import ModelRegistry
-from service.routes import health, metrics, models, vae, web
+from service.routes import admin, health, metrics, models, vae, web
 from service.security import APIKeyMiddleware, with_security_schemes
 from service.settings import Settings, get_settings
 from service.v2 import rest as v2
@@ -47,7 +47,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(vae.router)  # before models: routes are matched in order, and these are the hot ones
     app.include_router(models.router)
+    app.include_router(admin.router)  # 404 for every call unless the settings hold an admin key
     app.include_router(v2.router)  # the Open Inference Protocol (docs/protocols.md)
+    app.include_router(v2.repository_router)  # its repository extension: 404s unless there is an admin key
     app.include_router(metrics.router)
     web.mount(app)
     app.openapi = with_definitions(app.openapi)  # type: ignore[method-assign]
@@ -61,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Accept", "Authorization", "Content-Type", "X-API-Key"],
-            expose_headers=["Retry-After", "X-Input-Converted", "shape", "dtype", "seed", "fields"],
+            expose_headers=["Retry-After", "X-Input-Converted", vae.VERSION_HEADER, "shape", "dtype", "seed", "fields"],
         )
     app.add_middleware(MetricsMiddleware, metrics=registry_metrics)
     app.add_middleware(StartupMessage, holder=startup)

@@ -114,8 +114,10 @@ class VAEPredictor:
         dtype: torch.dtype,
         max_image_pixels: int = 4096 * 4096,
         default_fpr: float = 0.05,
+        version: str = "1",
     ) -> None:
         self.name = name
+        self.version = version  # which of the model's versions this is: every answer names it
         self.max_image_pixels = max_image_pixels
         self.default_fpr = default_fpr
         self.model = model
@@ -138,13 +140,14 @@ class VAEPredictor:
         dtype_name: str = "float32",
         max_image_pixels: int = 4096 * 4096,
         default_fpr: float = 0.05,
+        version: str = "1",
     ) -> VAEPredictor:
         """Validate and load `path` (raises checkpoint.CheckpointError). Half precision applies on GPU only."""
         model, card = checkpoint.load(path, device)
         dtype = DTYPES[dtype_name] if device.type == "cuda" else torch.float32
         model = model.to(dtype=dtype)
         model.requires_grad_(False)
-        return cls(name, model, card, path, device, dtype, max_image_pixels, default_fpr)
+        return cls(name, model, card, path, device, dtype, max_image_pixels, default_fpr, version)
 
     def warmup(self) -> None:
         """One small forward of each mergeable op, so the first request pays no lazy-initialisation cost."""
@@ -184,6 +187,7 @@ class VAEPredictor:
         card = self.card
         return {
             "name": self.name,
+            "version": self.version,
             "description": card.get("description"),
             "kind": self.config.kind,
             "likelihood": self.config.likelihood,
@@ -527,7 +531,7 @@ class VAEPredictor:
         never NaN pixels."""
         params = call.params
         encoding: Encoding = getattr(params, "encoding", "png")
-        fields: dict[str, Any] = {"model": self.name}
+        fields: dict[str, Any] = {"model": self.name, "version": self.version}
         self.check_decoded(job, out)
         if job.op == "encode":
             keys: list[str] = [k for k in ("mu", "logvar", "z") if k in out]  # Posterior's fields

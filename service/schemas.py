@@ -45,7 +45,9 @@ class ErrorResponse(BaseModel):
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, description="served model name; default: the server's default model")
+    model: str | None = Field(
+        None, description="served model name, or NAME@VERSION for one version; default: the server's default model"
+    )
 
 
 class _ImagesIn(_Request):
@@ -55,7 +57,10 @@ class _ImagesIn(_Request):
 
 # -- query parameters ----------------------------------------------------------------------------------------------
 # Query models forbid unknown names, so `?modle=` or a body field sent as `?k=` is a 422 naming it, never ignored.
-_MODEL = "served model name (default: the server's default); also accepted as the body's `model` field"
+_MODEL = (
+    "served model name, or NAME@VERSION for one version (default: the server's default model, and a model's default "
+    "version); also accepted as the body's `model` field"
+)
 _FORMAT = "response format; overrides the Accept header (default: JSON)"
 
 
@@ -74,12 +79,29 @@ class ModelFormatQuery(ModelQuery):
 
 
 ImagesOut = Annotated[list[str] | None, Field(description="base64 PNGs (encoding=png)")]
+Version = Annotated[str, Field(description="the model version that computed this answer (also in X-Model-Version)")]
 PixelsOut = Annotated[list[list[list[list[float]]]] | None, Field(description="(C, H, W) arrays (encoding=pixels)")]
 
 
 # -- models -------------------------------------------------------------------------------------------------------
+class VersionInfo(BaseModel):
+    """One version of a model, with its card."""
+
+    version: str
+    default: bool = Field(description="whether requests naming the model without a version get this one")
+    kind: str
+    likelihood: str
+    latent_dim: int
+    input_shape: list[int]
+    metrics: dict[str, Any]
+    weights: dict[str, Any] = Field(description="weights file, sha256 and size")
+    created: str | None = None
+    card: dict[str, Any] = Field(description="the full model card")
+
+
 class ModelInfo(BaseModel):
     name: str
+    version: str = Field("1", description="the version this card describes: the model's default, or the one named")
     default: bool
     description: str | None = None
     kind: str = Field(description="vae, or ae (plain autoencoder: no prior, no likelihood)")
@@ -97,11 +119,41 @@ class ModelInfo(BaseModel):
     calibrated: bool = Field(description="whether /v1/score gives a calibrated OOD score (docs/anomaly.md)")
     calibration: dict[str, Any] | None = Field(description="how the OOD score was calibrated, when it was")
     card: dict[str, Any] = Field(description="the full model card")
+    versions: list[VersionInfo] = Field(default_factory=list, description="every version serving, oldest first")
+    load_error: str | None = Field(
+        None, description="why the last load or reload failed (the versions listed still serve); null after a success"
+    )
 
 
 class ModelList(BaseModel):
     default: str
     models: list[ModelInfo]
+
+
+class LifecycleResponse(BaseModel):
+    """What a reload, load or unload did (POST /v1/models/{name}/reload, /load, /unload)."""
+
+    model: str
+    default_version: str | None = Field(description="the version requests naming none get now; null once unloaded")
+    versions: list[str] = Field(description="the versions serving now, oldest first")
+    loaded: list[str] = Field(description="versions this call loaded, validated and warmed before they served")
+    unloaded: list[str] = Field(description="versions this call retired: their requests finished, then they stopped")
+    seconds: float = Field(description="how long the change took, draining included")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "mnist",
+                    "default_version": "2",
+                    "versions": ["1", "2"],
+                    "loaded": ["2"],
+                    "unloaded": [],
+                    "seconds": 0.31,
+                }
+            ]
+        }
+    )
 
 
 # -- encode -------------------------------------------------------------------------------------------------------
@@ -122,6 +174,7 @@ class Posterior(BaseModel):
 
 class EncodeResponse(BaseModel):
     model: str
+    version: Version
     latent_dim: int
     seed: int | None = Field(None, description="the seed z was drawn with (when sample=true)")
     results: list[Posterior]
@@ -131,6 +184,7 @@ class EncodeResponse(BaseModel):
             "examples": [
                 {
                     "model": "mnist-2d",
+                    "version": "1",
                     "latent_dim": 2,
                     "seed": 0,
                     "results": [{"mu": [0.41, -1.2], "logvar": [-4.1, -3.9], "z": [0.5, -1.31]}],
@@ -150,10 +204,13 @@ class DecodeRequest(_Request):
 
 class DecodeResponse(BaseModel):
     model: str
+    version: Version
     images: ImagesOut = None
     pixels: PixelsOut = None
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"model": "mnist", "images": [EXAMPLE_PNG]}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"model": "mnist", "version": "1", "images": [EXAMPLE_PNG]}]}
+    )
 
 
 # -- sample -------------------------------------------------------------------------------------------------------
@@ -170,6 +227,7 @@ class SampleRequest(ModelFormatQuery):
 
 class SampleResponse(BaseModel):
     model: str
+    version: Version
     seed: int
     temperature: float
     latents: list[list[float]] = Field(description="the prior draws z (already scaled by the temperature)")
@@ -199,6 +257,7 @@ class ElboTerms(BaseModel):
 
 class ReconstructResponse(BaseModel):
     model: str
+    version: Version
     seed: int
     binarized: bool = Field(description="whether the inputs were binarised before encoding")
     results: list[ElboTerms]
@@ -246,6 +305,7 @@ class Score(ElboTerms):
 
 class ScoreResponse(BaseModel):
     model: str
+    version: Version
     k: int
     seed: int
     binarized: bool
@@ -259,6 +319,7 @@ class ScoreResponse(BaseModel):
             "examples": [
                 {
                     "model": "mnist",
+                    "version": "1",
                     "k": 100,
                     "seed": 0,
                     "binarized": True,
@@ -403,6 +464,7 @@ class InterpolateRequest(_ImagesIn):
 
 class InterpolateResponse(BaseModel):
     model: str
+    version: Version
     path: str
     latents: list[list[float]] = Field(description="the codes decoded, one per frame")
     images: ImagesOut = None
@@ -419,6 +481,7 @@ class ManifoldRequest(ModelFormatQuery):
 
 class ManifoldResponse(BaseModel):
     model: str
+    version: Version
     steps: int
     basis: Literal["prior", "principal_directions"]
     center: list[float]

@@ -70,6 +70,18 @@ class Settings(BaseSettings):
         description="browser origins allowed to call the API (CORS), or `*` for any; default: none, CORS off "
         "(env: comma-separated)",
     )
+    # -- models at run time (docs/models.md) ------------------------------------------------------------------
+    admin_key: SecretStr | None = Field(
+        None,
+        description="when set, the admin API is on: POST /v1/models/{name}/reload, /load and /unload and the v2 "
+        "repository extension (POST /v2/repository/...) need `X-Admin-Key: <key>`; unset, those routes answer 404",
+    )
+    watch_models_s: float = Field(
+        0.0,
+        ge=0,
+        description="every this many seconds, reload the models whose folders changed (and load new ones when "
+        "serving all of models_dir); 0: off",
+    )
     # -- the Open Inference Protocol's gRPC service, started and stopped with the app -------------------------
     grpc: bool = Field(True, description="serve the v2 gRPC service (GRPCInferenceService) on grpc_port too")
     grpc_port: int = Field(
@@ -110,7 +122,7 @@ class Settings(BaseSettings):
             raise ValueError(f"grpc_port and port are both {self.port}: the gRPC service needs a port of its own")
         return self
 
-    @field_validator("api_key")
+    @field_validator("api_key", "admin_key")
     @classmethod
     def _empty_key_is_none(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value() else None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import inprocess, loadgen, serving, threads
+from bench import inprocess, loadgen, serving, swaps, threads
 
 
 async def tiny_http_server(answer: bytes) -> tuple[asyncio.Server, int]:
@@ -126,6 +126,44 @@ def test_serving_report_and_targets_from_figures() -> None:
     assert any("/healthz: 60%" in line and "missed" in line for line in lines)
     assert any("1.10x (target <= 1.5x: met)" in line for line in lines)
     assert any("2,560 images/s = 80%" in line and "met" in line for line in lines)
+
+
+def test_load_generator_rotates_a_pool_of_requests_and_shows_each_answer() -> None:
+    """A client sends the pool's entries in turn (client n of N: n, n + N, ...) and on_answer gets each answer."""
+    seen: list[tuple[int, int, bytes]] = []
+
+    async def main() -> loadgen.Result:
+        server, port = await tiny_http_server(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Model-Version: 3\r\n\r\nok")
+        async with server:
+            pool = [loadgen.get_request(port, f"/{i}") for i in range(5)]
+            on_answer = lambda i, status, head, body, sent, latency: seen.append((i, status, body))  # noqa: E731
+            return await loadgen.load(port, pool, clients=1, max_requests=8, duration=5.0, on_answer=on_answer)
+
+    result = asyncio.run(main())
+    assert result.requests == len(seen) == 8 and {(status, body) for _, status, body in seen} == {(200, b"ok")}
+    assert [i for i, _, _ in seen] == [0, 1, 2, 3, 4, 0, 1, 2]  # one client: every entry in turn, wrapping
+    assert swaps.header(b"HTTP/1.1 200 OK\r\nX-Model-Version: 3", b"x-model-version") == "3"
+
+
+@pytest.mark.e2e
+def test_swaps_under_load_on_two_tiny_versions(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench/swaps.py for a second: versions alternate the tiny model and a copy with other weights."""
+    import torch
+
+    from model import checkpoint
+
+    model, card = checkpoint.load(tiny_checkpoint)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.5)
+    checkpoint.save(model, card, tmp_path / "tiny-b")
+    argv = ["--first", str(tiny_checkpoint), "--second", str(tmp_path / "tiny-b"), "--duration", "1.5"]
+    code = swaps.main([*argv, "--every", "0.5", "--clients", "4", "--pool", "6", "--cycles", "1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "| reload every 0.5 s |" in out and "after unload" in out and "FAIL" not in out
 
 
 def test_binary_cells_requests_and_targets() -> None:

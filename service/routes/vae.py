@@ -6,6 +6,7 @@ HTTP request into a Call, and `answer` does the rest.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -39,13 +40,15 @@ from service.schemas import (
 from service.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["vae"])
+VERSION_HEADER = "X-Model-Version"
+VERSION_KEY = VERSION_HEADER.lower().encode("latin-1")
 
 
 async def answer(request: Request, call: Call[Any], settings: Settings, registry: ModelRegistry) -> Response:
-    """A decoded request through the model it names: the predictor's contract around one trip through the model's
-    batcher (withdrawn if the client disconnects first), then the response."""
-    served = registry.get(call.params.model)  # the one model the request names
-    job = await served.predictor.decode_request(call)  # Call -> tensors for this model (domain errors only)
+    """A decoded request through the model version it names: the predictor's contract around one trip through the
+    version's batcher (withdrawn if the client disconnects first), then the response, which names the version."""
+    served = registry.acquire(call.params.model)  # the one model version the request names, held until answered
+    started = time.perf_counter()
 
     async def disconnected() -> None:
         # After the body has been read, the next ASGI message is http.disconnect: when the client goes away, or
@@ -53,11 +56,21 @@ async def answer(request: Request, call: Call[Any], settings: Settings, registry
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    out = await served.batcher.submit(  # the model's batcher: one batched predict() with other requests' items
-        job.op, job.inputs, job.arg, timeout=settings.request_timeout_s, cancel_on=disconnected
-    )
-    result = served.predictor.encode_response(job, out, call)  # tensors -> plain values
-    return await rendering.render(result, call.format, settings.gif_frame_ms, call.options)  # JSON, image or tensor
+    try:
+        job = await served.predictor.decode_request(call)  # Call -> tensors for this model (domain errors only)
+        out = await served.batcher.submit(  # the version's batcher: one batched predict() with other requests' items
+            job.op, job.inputs, job.arg, timeout=settings.request_timeout_s, cancel_on=disconnected
+        )
+        result = served.predictor.encode_response(job, out, call)  # tensors -> plain values
+        response = await rendering.render(
+            result, call.format, settings.gif_frame_ms, call.options
+        )  # JSON, image or tensor
+    except BaseException:
+        served.release(None)
+        raise
+    served.release(time.perf_counter() - started)
+    response.raw_headers.append((VERSION_KEY, served.version_bytes))  # response.headers[...] = costs ~5 us more
+    return response
 
 
 @router.post(

@@ -1,4 +1,4 @@
-"""The v2 models: every served checkpoint NAME is three models of the Open Inference Protocol, their tensors read from
+"""The v2 models: every served model NAME is three models of the Open Inference Protocol, their tensors read from
 the checkpoint itself (its input shape and latent size), never written down twice.
 
     NAME-encoder   images [-1, C, H, W] (UINT8 0..255 or FP32 in [0, 1]) -> mu, logvar [-1, latent_dim] (FP32), and
@@ -11,6 +11,10 @@ the checkpoint itself (its input shape and latent size), never written down twic
 
 Each model's request parameters become the /v1 request schema of the same verb (EncodeRequest, ScoreRequest), so
 defaults, ranges and limits are /v1's.
+
+A v2 model's versions are the served model's (docs/models.md): `/v2/models/NAME-encoder/versions/2` is the registry's
+`NAME@2`, no version is the model's default, and every answer's model_version is the version that computed it. A
+version computes only while held (`acquire`, as /v1's answer does), so a reload neither drops nor crosses a v2 request.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ from service.schemas import Call, DecodeRequest, EncodeRequest, ScoreRequest
 from service.settings import Settings
 
 ROLES = ("encoder", "decoder", "scorer")
-VERSION = "1"  # a served model has one version: the checkpoint it was started with
 PLATFORM = "pytorch_safetensors"
 # Request parameters of the protocol itself (the binary tensor data extension), taken by every model.
 PROTOCOL_PARAMETERS = frozenset({"binary_data_output"})
@@ -53,7 +56,8 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class V2Model:
-    """One v2 model: a role (encoder, decoder, scorer) of one served checkpoint."""
+    """One v2 model at one version: a role (encoder, decoder, scorer) of one served model version (`served`, whose
+    version every answer names), and the versions the model has in that role (its metadata lists them)."""
 
     name: str
     role: str
@@ -61,11 +65,16 @@ class V2Model:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     parameters: frozenset[str]
+    versions: tuple[str, ...]
+
+    @property
+    def version(self) -> str:
+        return self.served.version
 
     def metadata(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "versions": [VERSION],
+            "versions": list(self.versions),
             "platform": PLATFORM,
             "inputs": [t.metadata() for t in self.inputs],
             "outputs": [t.metadata() for t in self.outputs],
@@ -141,61 +150,72 @@ def summarise(error: ValidationError, where: str) -> str:
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
-def v2_models(served: ServedModel) -> list[V2Model]:
-    """The v2 models of one served checkpoint."""
+def roles(served: ServedModel) -> tuple[str, ...]:
+    """The v2 models a served version is: a plain autoencoder has no likelihood, so no scorer."""
+    return ROLES if served.predictor.is_vae else ROLES[:2]
+
+
+def v2_model(served: ServedModel, role: str, versions: tuple[str, ...]) -> V2Model:
+    """The v2 model of one role of one served version; `versions`: every version of the model in that role."""
     p = served.predictor
     c, h, w = p.input_shape
     images = TensorSpec("images", ("UINT8", "FP32"), (-1, c, h, w))
     latents = ("FP32",), (-1, p.latent_dim)
-    models = [
-        V2Model(
-            f"{served.name}-encoder",
-            "encoder",
-            served,
-            (images,),
-            tuple(TensorSpec(n, *latents) for n in ("mu", "logvar", "z")),
-            frozenset({"sample", "seed"}),
-        ),
-        V2Model(
-            f"{served.name}-decoder",
-            "decoder",
-            served,
-            (TensorSpec("latents", *latents),),
-            (TensorSpec("images", ("FP32",), images.shape), TensorSpec("images_uint8", ("UINT8",), images.shape)),
-            frozenset(),
-        ),
-    ]
-    if p.is_vae:
-        scores: tuple[str, ...] = ("elbo", "recon", "kl", "elbo_bits_per_dim", "log_likelihood", "bits_per_dim")
-        scores += ("complexity_bits",)
-        if p.calibration is not None:  # the calibrated OOD score (docs/anomaly.md); is_anomaly as 1.0 / 0.0
-            scores += ("ood_score", "p_value", "is_anomaly")
-        models.append(
-            V2Model(
-                f"{served.name}-scorer",
-                "scorer",
-                served,
-                (images,),
-                tuple(TensorSpec(n, ("FP32",), (-1,)) for n in scores),
-                frozenset({"k", "seed", "binarize", "fpr"}),
-            )
-        )
-    return models
+    name = f"{served.name}-{role}"
+    if role == "encoder":
+        outputs = tuple(TensorSpec(n, *latents) for n in ("mu", "logvar", "z"))
+        return V2Model(name, role, served, (images,), outputs, frozenset({"sample", "seed"}), versions)
+    if role == "decoder":
+        outputs = (TensorSpec("images", ("FP32",), images.shape), TensorSpec("images_uint8", ("UINT8",), images.shape))
+        return V2Model(name, role, served, (TensorSpec("latents", *latents),), outputs, frozenset(), versions)
+    scores: tuple[str, ...] = ("elbo", "recon", "kl", "elbo_bits_per_dim", "log_likelihood", "bits_per_dim")
+    scores += ("complexity_bits",)
+    if p.calibration is not None:  # the calibrated OOD score (docs/anomaly.md); is_anomaly as 1.0 / 0.0
+        scores += ("ood_score", "p_value", "is_anomaly")
+    outputs = tuple(TensorSpec(n, ("FP32",), (-1,)) for n in scores)
+    return V2Model(name, role, served, (images,), outputs, frozenset({"k", "seed", "binarize", "fpr"}), versions)
+
+
+def role_versions(registry: ModelRegistry, base: str, role: str) -> tuple[str, ...]:
+    """The versions of model `base` serving now that have `role`, oldest first."""
+    return tuple(v for v, served in registry.versions(base).items() if role in roles(served))
 
 
 def names(registry: ModelRegistry) -> list[str]:
-    return [m.name for served in registry.models.values() for m in v2_models(served)]
+    """Every v2 model served: a model's role counts when one of its versions has it."""
+    return [f"{base}-{role}" for base in registry.models for role in ROLES if role_versions(registry, base, role)]
+
+
+def lookup(registry: ModelRegistry, name: str, version: str | None) -> tuple[str, str, tuple[str, ...]]:
+    """A v2 model name and version (none or "": the model's default version) -> the registry's `NAME@VERSION`, the
+    role, and the model's versions in that role. ModelNotReady before start-up has finished; ModelNotFound for a
+    name or version not served, listing the names, or the versions, that are."""
+    registry.check_ready()
+    base, _, role = name.rpartition("-")
+    versions = role_versions(registry, base, role) if role in ROLES else ()
+    if not versions:
+        raise ModelNotFound(f"unknown model {name!r}; served models: {', '.join(names(registry))}")
+    if not version:
+        version = registry.get(base).version
+        if version not in versions:  # a plain autoencoder's default version, with a VAE beside it
+            raise ModelNotFound(
+                f"model {name!r}: the default version of {base!r}, {version!r}, has no {role}; name one of its "
+                f"versions: {', '.join(versions)}"
+            )
+    elif version not in versions:
+        raise ModelNotFound(f"model {name!r} has no version {version!r}; its versions: {', '.join(versions)}")
+    return f"{base}@{version}", role, versions
 
 
 def resolve(registry: ModelRegistry, name: str, version: str | None = None) -> V2Model:
-    """The v2 model `name` (at `version`, if given); ModelNotReady before start-up has finished, ModelNotFound for a
-    name or version not served (listing the names that are)."""
-    base, _, role = name.rpartition("-")
-    registry.get(None)  # ModelNotReady until every model is loaded
-    served = registry.models.get(base) if role in ROLES else None
-    found = [m for m in v2_models(served) if m.role == role] if served is not None else []
-    if not found:
-        raise ModelNotFound(f"unknown model {name!r}; served models: {', '.join(names(registry))}")
-    if version not in (None, "", VERSION):
-        raise ModelNotFound(f"model {name!r} has no version {version!r}; its versions: {VERSION}")
-    return found[0]
+    """The v2 model `name` at `version` (none: its default version), to describe it: not held, so never submit work
+    to it (`acquire` does). Raises as `lookup`."""
+    key, role, versions = lookup(registry, name, version)
+    return v2_model(registry.get(key), role, versions)
+
+
+def acquire(registry: ModelRegistry, name: str, version: str | None = None) -> V2Model:
+    """As `resolve`, its version held (ModelRegistry.acquire) until the caller calls `model.served.release`: no
+    reload moves the request to another version, nor stops the batcher under it."""
+    key, role, versions = lookup(registry, name, version)
+    return v2_model(registry.acquire(key), role, versions)

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from service.decoding import read_body
 from service.errors import InvalidInput, LimitExceeded, PayloadTooLarge, limit_hint
 from service.settings import Settings
-from service.v2.catalog import VERSION, TensorSpec, V2Model, summarise
+from service.v2.catalog import TensorSpec, V2Model, summarise
 
 HEADER = "Inference-Header-Content-Length"
 JSON = "application/json"
@@ -252,11 +252,15 @@ def check_shape(model: V2Model, spec: TensorSpec, shape: Sequence[int], settings
 
 
 # -- REST in ----------------------------------------------------------------------------------------------------------
-async def read_request(request: Request, model: V2Model, settings: Settings) -> Inference:
-    """A REST inference request: JSON, or a JSON header of `Inference-Header-Content-Length` bytes and the binary
-    inputs after it; the body under max_request_bytes (also once decompressed: gzip and deflate, as tritonclient
-    sends them) and body_timeout_s."""
-    body = inflate(request, await read_body(request, settings), settings)
+async def read(request: Request, settings: Settings) -> bytes:
+    """A REST inference request's body, under max_request_bytes (also once decompressed: gzip and deflate, as
+    tritonclient sends them) and body_timeout_s."""
+    return inflate(request, await read_body(request, settings), settings)
+
+
+def parse(request: Request, body: bytes, model: V2Model, settings: Settings) -> Inference:
+    """A REST inference request's body for `model`: JSON, or a JSON header of `Inference-Header-Content-Length` bytes
+    and the binary inputs after it."""
     header_length = request.headers.get(HEADER)
     header, binary = body, memoryview(b"")
     if header_length is not None:
@@ -372,7 +376,7 @@ def render(result: Result, inference: Inference) -> Response:
         else:
             entry["data"] = array.reshape(-1)  # float32s as their shortest decimals (orjson)
         entries.append(entry)
-    answer: dict[str, Any] = {"model_name": inference.model.name, "model_version": VERSION}
+    answer: dict[str, Any] = {"model_name": inference.model.name, "model_version": inference.model.version}
     if inference.id is not None:
         answer["id"] = inference.id
     if result.parameters:

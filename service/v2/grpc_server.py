@@ -4,10 +4,13 @@ A grpc.aio server on the app's event loop, started and stopped by its lifespan (
 share the models' batchers with /v1 and /v2 REST. The messages are the ones tritonclient's generated stubs define
 (`tritonclient.grpc.service_pb2`: Triton's superset of KServe's open_inference_grpc.proto, the same package, service
 and field numbers), served through a generic handler that registers only what this server implements: ServerLive,
-ServerReady, ModelReady, ServerMetadata, ModelMetadata and ModelInfer (the others answer UNIMPLEMENTED).
+ServerReady, ModelReady, ServerMetadata, ModelMetadata and ModelInfer, and, when the server has an admin key, the
+model repository extension's RepositoryIndex, RepositoryModelLoad and RepositoryModelUnload (service.v2.repository;
+the others answer UNIMPLEMENTED, as those three do while the admin API is off).
 
 Errors are the domain errors' statuses as gRPC codes (service.errors.grpc_code); the API key, when the server has one,
-is read from the `x-api-key` or `authorization: Bearer` metadata of every call but ServerLive and ServerReady.
+is read from the `x-api-key` or `authorization: Bearer` metadata of every call but ServerLive and ServerReady; the
+admin key from the `x-admin-key` metadata of the repository calls.
 """
 
 from __future__ import annotations
@@ -37,12 +40,14 @@ from service.errors import (
 from service.metrics import Metrics
 from service.registry import ModelRegistry
 from service.settings import Settings
-from service.v2 import catalog, codec, inference
-from service.v2.rest import EXTENSIONS
+from service.v2 import catalog, codec, inference, repository
+from service.v2.rest import extensions
 
 logger = logging.getLogger("vae_serve")
 
 SERVICE = "inference.GRPCInferenceService"
+METHODS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
+REPOSITORY_METHODS = ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload")  # with an admin key only
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady"})  # health checks: no API key, as on REST
 # Typed contents (InferTensorContents) for each datatype, when a request sends values instead of raw bytes.
 CONTENTS = {
@@ -63,7 +68,7 @@ Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
 class InferenceServicer:
-    """The six RPCs, over the registry; each raises domain errors, which `_guard` turns into gRPC statuses."""
+    """The RPCs, over the registry; each raises domain errors, which `_guard` turns into gRPC statuses."""
 
     def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
         self.registry = registry
@@ -83,7 +88,7 @@ class InferenceServicer:
         return pb.ModelReadyResponse(ready=True)
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        return pb.ServerMetadataResponse(name="vae-serve", version=__version__, extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(name="vae-serve", version=__version__, extensions=extensions(self.settings))
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         meta = catalog.resolve(self.registry, request.name, request.version).metadata()
@@ -97,19 +102,23 @@ class InferenceServicer:
         )
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        model = catalog.resolve(self.registry, request.model_name, request.model_version)
-        decoded = codec.decode(
-            model,
-            request.id or None,
-            {name: parameter(value) for name, value in request.parameters.items()},
-            wire_inputs(request),
-            [(o.name, {k: parameter(v) for k, v in o.parameters.items()}) for o in request.outputs],
-            self.settings,
+        def decode(model: catalog.V2Model) -> codec.Inference:
+            return codec.decode(
+                model,
+                request.id or None,
+                {name: parameter(value) for name, value in request.parameters.items()},
+                wire_inputs(request),
+                [(o.name, {k: parameter(v) for k, v in o.parameters.items()}) for o in request.outputs],
+                self.settings,
+            )
+
+        # The version named (none: the default) held while it computes; a cancelled call withdraws its queued work.
+        decoded, result = await inference.answer(
+            self.registry, request.model_name, request.model_version, decode, self.settings
         )
-        result = await inference.run(decoded, self.settings)  # a cancelled call withdraws its queued work
         return pb.ModelInferResponse(
-            model_name=model.name,
-            model_version=catalog.VERSION,
+            model_name=decoded.model.name,
+            model_version=decoded.model.version,
             id=request.id,
             parameters={k: infer_parameter(v) for k, v in result.parameters.items()},
             outputs=[
@@ -120,6 +129,28 @@ class InferenceServicer:
             ],
             raw_output_contents=[a.tobytes() for a in result.outputs.values()],
         )
+
+    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        repository.check_repository(request.repository_name)
+        entry = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(
+            models=[
+                entry(name=row.name, version=row.version or "", state=row.state, reason=row.reason)
+                for row in repository.index(self.registry, request.ready)
+            ]
+        )
+
+    async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        repository.check_repository(request.repository_name)
+        parameters = {name: parameter(value) for name, value in request.parameters.items()}
+        await repository.load(self.registry, request.model_name, parameters)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        repository.check_repository(request.repository_name)
+        parameters = {name: parameter(value) for name, value in request.parameters.items()}
+        await repository.unload(self.registry, request.model_name, parameters)
+        return pb.RepositoryModelUnloadResponse()
 
 
 def wire_inputs(request: Any) -> list[codec.WireInput]:
@@ -140,7 +171,7 @@ def wire_inputs(request: Any) -> list[codec.WireInput]:
 
 
 def parameter(value: Any) -> Any:
-    """An InferParameter -> its Python value (None when unset)."""
+    """An InferParameter (or a ModelRepositoryParameter) -> its Python value (None when unset)."""
     kind = value.WhichOneof("parameter_choice")
     return getattr(value, kind) if kind else None
 
@@ -169,20 +200,23 @@ class GRPCServer:
 
 def handler(servicer: InferenceServicer, settings: Settings, metrics: Metrics) -> grpc.GenericRpcHandler:
     key = settings.api_key.get_secret_value().encode() if settings.api_key is not None else None
+    admin_key = settings.admin_key.get_secret_value().encode() if settings.admin_key is not None else None
     methods = {}
-    for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"):
+    for name in METHODS + (REPOSITORY_METHODS if admin_key is not None else ()):
         method = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name[name]
         request_type = getattr(pb, method.input_type.name)
         response_type = getattr(pb, method.output_type.name)
-        guarded = _guard(name, getattr(servicer, name), None if name in OPEN_METHODS else key, metrics)
+        admin = admin_key if name in REPOSITORY_METHODS else None
+        guarded = _guard(name, getattr(servicer, name), None if name in OPEN_METHODS else key, admin, metrics)
         methods[name] = grpc.unary_unary_rpc_method_handler(
             guarded, request_deserializer=request_type.FromString, response_serializer=response_type.SerializeToString
         )
     return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 
-def _guard(name: str, call: Handler, key: bytes | None, metrics: Metrics) -> Handler:
-    """The RPC behind the API key check, its domain errors as gRPC statuses, and its count and time in the metrics."""
+def _guard(name: str, call: Handler, key: bytes | None, admin_key: bytes | None, metrics: Metrics) -> Handler:
+    """The RPC behind the API key check (and the admin key's, for the repository calls), its domain errors as gRPC
+    statuses, and its count and time in the metrics."""
 
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
@@ -190,6 +224,8 @@ def _guard(name: str, call: Handler, key: bytes | None, metrics: Metrics) -> Han
         try:
             if key is not None:
                 check_key(context, key)
+            if admin_key is not None:
+                check_admin_key(context, admin_key)
             return await call(request, context)
         except asyncio.CancelledError:  # the client cancelled, or its deadline passed: its queued work is withdrawn
             code = "CANCELLED"
@@ -219,6 +255,14 @@ def check_key(context: grpc.aio.ServicerContext, key: bytes) -> None:
         raise Unauthorized("this server needs an API key: send x-api-key or authorization: Bearer metadata")
     if not hmac.compare_digest(given, key):
         raise Unauthorized("wrong API key")
+
+
+def check_admin_key(context: grpc.aio.ServicerContext, key: bytes) -> None:
+    given = next((value for name, value in context.invocation_metadata() or () if name == "x-admin-key"), None)
+    if given is None:
+        raise Unauthorized("this call needs the admin key: send x-admin-key metadata")
+    if not hmac.compare_digest(given.encode() if isinstance(given, str) else given, key):
+        raise Unauthorized("wrong admin key")
 
 
 async def start(registry: ModelRegistry, settings: Settings, metrics: Metrics) -> GRPCServer:

@@ -1,4 +1,5 @@
-"""The Open Inference Protocol's REST API under /v2, on the HTTP port: health, metadata and inference.
+"""The Open Inference Protocol's REST API under /v2, on the HTTP port: health, metadata and inference, and the model
+repository extension (index, load, unload: service.v2.repository), on only with the admin key, as /v1's admin API.
 
 Errors are `{"error": "..."}` (service.errors chooses the statuses: 400 for any request the server cannot use). The
 API key, when the server has one, is needed everywhere but /v2/health/* (service.security)."""
@@ -7,17 +8,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from service import __version__
+from service.decoding import read_body
 from service.deps import RegistryDep, SettingsDep
 from service.errors import ModelNotReady
 from service.openapi import schema_of
-from service.v2 import catalog, codec, inference
+from service.routes.admin import require_admin
+from service.settings import Settings
+from service.v2 import catalog, codec, inference, repository
 from service.v2.codec import HEADER, V2Error
 
 router = APIRouter(prefix="/v2", tags=["v2"])
+repository_router = APIRouter(
+    prefix="/v2/repository", tags=["v2 repository"], dependencies=[Depends(require_admin)]
+)  # 404 for every call unless the settings hold an admin key
 EXTENSIONS = ["binary_tensor_data", "parameters"]
 V2_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": V2Error, "description": text}
@@ -62,12 +70,28 @@ INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     **V2_ERRORS,
 }
 READY: dict[int | str, dict[str, Any]] = {200: {"description": "ready"}, 503: {"description": "not ready"}}
+REPOSITORY_ERRORS: dict[int | str, dict[str, Any]] = {
+    **V2_ERRORS,
+    400: {
+        "model": V2Error,
+        "description": "a body or parameter the call cannot use, or a model folder that fails "
+        "validation (whatever served before still serves)",
+    },
+    401: {"model": V2Error, "description": "admin key (X-Admin-Key) missing or wrong; or the API key, when set"},
+    404: {"model": V2Error, "description": "no such model; or the admin API is off (no VAE_ADMIN_KEY)"},
+}
+CHANGED: dict[int | str, dict[str, Any]] = {200: {"description": "done (an empty body)", "content": {}}}
+
+
+def extensions(settings: Settings) -> list[str]:
+    """The protocol extensions this server speaks: the model repository's only when the admin API is on."""
+    return EXTENSIONS + (["model_repository"] if settings.admin_key is not None else [])
 
 
 @router.get("", responses=V2_ERRORS)
-async def server_metadata() -> dict[str, Any]:
+async def server_metadata(settings: SettingsDep) -> dict[str, Any]:
     """The server's name, version and protocol extensions."""
-    return {"name": "vae-serve", "version": __version__, "extensions": EXTENSIONS}
+    return {"name": "vae-serve", "version": __version__, "extensions": extensions(settings)}
 
 
 @router.get("/health/live")
@@ -106,12 +130,71 @@ async def model_infer(
     model_name: str, request: Request, settings: SettingsDep, registry: RegistryDep, model_version: str | None = None
 ) -> Response:
     """Run the model: JSON tensors, or binary ones (the binary tensor data extension), both ways."""
-    model = catalog.resolve(registry, model_name, model_version)
-    decoded = await codec.read_request(request, model, settings)  # the body -> checked arrays
+    catalog.resolve(registry, model_name, model_version)  # an unknown model or version: 404 before the body is read
+    body = await codec.read(request, settings)
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    result = await inference.run(decoded, settings, cancel_on=disconnected)  # predictor and batcher
-    return codec.render(result, decoded)  # JSON, or JSON and binary outputs
+    decoded, result = await inference.answer(  # the version named, held: the body checked against it, then computed
+        registry,
+        model_name,
+        model_version,
+        lambda model: codec.parse(request, body, model, settings),
+        settings,
+        cancel_on=disconnected,
+    )
+    return codec.render(result, decoded)  # JSON, or JSON and binary outputs, naming the version that computed them
+
+
+# -- the model repository extension ---------------------------------------------------------------------------------
+def repository_body(schema: type[BaseModel]) -> dict[str, Any]:
+    """openapi_extra for a repository call's optional JSON body (repository.parse reads it, whatever its type)."""
+    return {"requestBody": {"required": False, "content": {codec.JSON: {"schema": schema_of(schema)}}}}
+
+
+@repository_router.post(
+    "/index",
+    response_model=list[repository.IndexModel],
+    response_model_exclude_none=True,
+    responses=REPOSITORY_ERRORS,
+    openapi_extra=repository_body(repository.IndexRequest),
+)
+async def repository_index(
+    request: Request, settings: SettingsDep, registry: RegistryDep
+) -> list[repository.IndexModel]:
+    """Every v2 model and version, serving (READY) or not (UNAVAILABLE, with the reason), and the model folders not
+    loaded yet; `{"ready": true}`: the READY ones only."""
+    body = repository.parse(repository.IndexRequest, await read_body(request, settings))
+    return repository.index(registry, body.ready)
+
+
+@repository_router.post(
+    "/models/{model_name}/load",
+    response_class=Response,
+    responses={**CHANGED, **REPOSITORY_ERRORS},
+    openapi_extra=repository_body(repository.ChangeRequest),
+)
+async def repository_load(model_name: str, request: Request, settings: SettingsDep, registry: RegistryDep) -> Response:
+    """Load a model (its NAME or a v2 name: all its v2 models and versions) from its folder, or reload it when
+    served: new versions validated and warmed beside the serving ones, then swapped in without a dropped request."""
+    body = repository.parse(repository.ChangeRequest, await read_body(request, settings))
+    await repository.load(registry, model_name, dict(body.parameters or {}))
+    return Response()
+
+
+@repository_router.post(
+    "/models/{model_name}/unload",
+    response_class=Response,
+    responses={**CHANGED, **REPOSITORY_ERRORS},
+    openapi_extra=repository_body(repository.ChangeRequest),
+)
+async def repository_unload(
+    model_name: str, request: Request, settings: SettingsDep, registry: RegistryDep
+) -> Response:
+    """Stop serving a model (its NAME or a v2 name: all its v2 models and versions): new requests get 404 at once,
+    those in flight finish first."""
+    body = repository.parse(repository.ChangeRequest, await read_body(request, settings))
+    await repository.unload(registry, model_name, dict(body.parameters or {}))
+    return Response()

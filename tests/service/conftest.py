@@ -1,4 +1,5 @@
-"""Service fixtures: a models directory holding the tiny checkpoints, and the app served in-process (lifespan on)."""
+"""Service fixtures: a models directory holding the tiny checkpoints, and the app served in-process (lifespan on); a
+second set of weights and a models directory with versions, for the tests of changes at run time."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import httpx
 import pytest
 import torch
 from fastapi import FastAPI
-from service_helpers import serve
+from lifecycle_helpers import put_version
+from service_helpers import copy_checkpoint, serve
 
 from model import checkpoint
 from model.preprocess import input_spec
@@ -80,3 +82,44 @@ def tiny_model(tiny_checkpoint: Path) -> VAE:
 @pytest.fixture(scope="session")
 def rgb_model(tiny_gaussian_checkpoint: Path) -> VAE:
     return checkpoint.load(tiny_gaussian_checkpoint)[0]
+
+
+# -- model versions (tests/service/test_lifecycle.py, test_v2_lifecycle.py) ------------------------------------------
+@pytest.fixture(scope="session")
+def other_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    """The tiny model's architecture with other weights: a second version whose answers differ from the first's."""
+    model, card = checkpoint.load(tiny_checkpoint)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=g))
+    directory = tmp_path_factory.mktemp("other") / "tiny-b"
+    checkpoint.save(model, card, directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def weights(tiny_checkpoint: Path, other_checkpoint: Path) -> dict[str, Path]:
+    return {"a": tiny_checkpoint, "b": other_checkpoint}
+
+
+@pytest.fixture(scope="session")
+def oracles(weights: dict[str, Path]) -> dict[str, VAE]:
+    return {key: checkpoint.load(path)[0] for key, path in weights.items()}
+
+
+@pytest.fixture(scope="session")
+def ae_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's shapes as a plain autoencoder: a version with no likelihood, so no v2 scorer."""
+    return make_ae_checkpoint(tmp_path_factory.mktemp("ae") / "tiny-ae")
+
+
+@pytest.fixture
+def root(tmp_path: Path, weights: dict[str, Path]) -> Path:
+    """models/ with `tiny` (flat: one version, "1") and `swap` (versions 1: weights a, 2: weights b)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    copy_checkpoint(weights["a"], models / "tiny")
+    put_version(models / "swap", "1", weights["a"])
+    put_version(models / "swap", "2", weights["b"])
+    return models
