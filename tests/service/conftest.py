@@ -84,7 +84,7 @@ def rgb_model(tiny_gaussian_checkpoint: Path) -> VAE:
     return checkpoint.load(tiny_gaussian_checkpoint)[0]
 
 
-# -- model versions (tests/service/test_lifecycle.py, test_v2_lifecycle.py) ------------------------------------------
+# -- model versions (tests/service/test_model_versions.py, test_v2_lifecycle.py) ------------------------------------
 @pytest.fixture(scope="session")
 def other_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
     """The tiny model's architecture with other weights: a second version whose answers differ from the first's."""
