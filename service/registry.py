@@ -362,7 +362,6 @@ class ModelRegistry:
         self._stopping = False
         self._device = torch.device("cpu")
         self._executors: dict[str, ThreadPoolExecutor] = {}
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="vae-load")  # reads and hashes, off the forwards
         self._watch: asyncio.Task[None] | None = None
 
     # -- start and stop --------------------------------------------------------------------------------------------
@@ -403,7 +402,7 @@ class ModelRegistry:
         for state in self.states.values():
             for served in state.versions.values():
                 await served.batcher.stop()
-        for executor in (*self._executors.values(), self._loader):
+        for executor in self._executors.values():
             executor.shutdown(wait=False, cancel_futures=True)
 
     # -- requests --------------------------------------------------------------------------------------------------
@@ -626,8 +625,12 @@ class ModelRegistry:
             )
         loop = asyncio.get_running_loop()
         try:
+            # On the forward thread, not a separate loader thread: a model built on another thread served its
+            # forwards 15-20 % slower at one client (bench/serving.py against the build before versions, 2026-12-03;
+            # the same code loading here matched it). A reload pauses the forwards for the read, hash and build
+            # (tens of ms for a few MB of weights) instead.
             predictor = await loop.run_in_executor(
-                self._loader,
+                executor,
                 VAEPredictor.load,
                 name,
                 path,
