@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import subprocess
 import sys
 import time
@@ -122,34 +123,60 @@ def requests_for(name: str, port: int, png: bytes, bulk_images: int) -> dict[str
 
 
 # -- the binary path: one request builder per protocol -----------------------------------------------------------------
-def v1_tensor_request(port: int, images: Any) -> bytes:
+def v1_tensor_request(port: int, images: Any, model: str) -> bytes:
     """/v1/encode with a raw uint8 tensor body (N, C, H, W), answered with a raw float32 tensor of the means."""
     shape = ",".join(str(n) for n in images.shape)
     return loadgen.post_request(
         port,
-        f"/v1/encode?shape={shape}&dtype=uint8",
+        f"/v1/encode?shape={shape}&dtype=uint8",  # the server's one model
         images.tobytes(),
         "application/octet-stream",
         {"Accept": "application/octet-stream"},
     )
 
 
-# (port, uint8 images (N, C, H, W)) -> one encode request. Each entry adds an "encode <name>" cell at
-# --binary-clients and a "bulk encode <name>" cell at --bulk-clients, for our servers. The v2 binary cell is one
-# more entry once service/v2 lands: a builder of `POST /v2/models/{name}-encoder/infer` whose JSON header
-# (Inference-Header-Content-Length) names the UINT8 input and asks for binary outputs, followed by the bytes.
-BINARY_BUILDERS: dict[str, Callable[[int, Any], bytes]] = {"v1 tensor": v1_tensor_request}
+def v2_binary_request(port: int, images: Any, model: str) -> bytes:
+    """The Open Inference Protocol's binary extension (docs/protocols.md): POST /v2/models/{model}-encoder/infer, a
+    JSON header naming the UINT8 input (Inference-Header-Content-Length) followed by its bytes, the posterior mean
+    asked for as binary data: the same work and answer size as the v1 tensor request."""
+    header = {
+        "inputs": [
+            {
+                "name": "images",
+                "shape": list(images.shape),
+                "datatype": "UINT8",
+                "parameters": {"binary_data_size": images.nbytes},
+            }
+        ],
+        "outputs": [{"name": "mu", "parameters": {"binary_data": True}}],
+    }
+    head = json.dumps(header).encode()
+    return loadgen.post_request(
+        port,
+        f"/v2/models/{model}-encoder/infer",
+        head + images.tobytes(),
+        "application/octet-stream",
+        {"Inference-Header-Content-Length": str(len(head))},
+    )
+
+
+# (port, uint8 images (N, C, H, W), the served model's name) -> one encode request. Each entry adds an
+# "encode <name>" cell at --binary-clients and a "bulk encode <name>" cell at --bulk-clients, for our servers.
+BINARY_BUILDERS: dict[str, Callable[[int, Any, str], bytes]] = {
+    "v1 tensor": v1_tensor_request,
+    "v2 binary": v2_binary_request,
+}
 BINARY_SERVERS = ("ours", "ours-nobatch")  # the peers speak no binary protocol; a --baseline build may not either
 
 
-def binary_requests(port: int, pixels: Any, bulk_images: int) -> dict[str, bytes]:
+def binary_requests(port: int, pixels: Any, bulk_images: int, model: str) -> dict[str, bytes]:
     """The binary cells' requests: one image, and `bulk_images` of them, per protocol in BINARY_BUILDERS."""
     import numpy as np
 
     requests = {}
     for name, build in BINARY_BUILDERS.items():
-        requests[f"encode {name}"] = build(port, pixels[None])
-        requests[f"bulk encode {name}"] = build(port, np.repeat(pixels[None], bulk_images, axis=0))
+        requests[f"encode {name}"] = build(port, pixels[None], model)
+        requests[f"bulk encode {name}"] = build(port, np.repeat(pixels[None], bulk_images, axis=0), model)
     return requests
 
 
@@ -230,7 +257,8 @@ def run_all(args: argparse.Namespace, png: bytes, pixels: Any) -> dict[tuple[str
             print(f"starting {name} on port {port} ...", flush=True)
             servers[name] = loadgen.Server(name, command, port, ready, env=env, cwd=cwd)
             loads[name] = requests_for(name, port, png, args.bulk_images)
-            loads[name] |= binary_requests(port, pixels, args.bulk_images) if name in BINARY_SERVERS else {}
+            if name in BINARY_SERVERS:
+                loads[name] |= binary_requests(port, pixels, args.bulk_images, Path(args.checkpoint).resolve().name)
         for repeat in range(args.repeat):
             for scenario, clients in plan(args):
                 for name, server in servers.items():

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import loadgen, serving  # noqa: E402
+from model.checkpoint import read_card  # noqa: E402
 
 
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
@@ -46,11 +47,16 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with loadgen.Server("ours", command, port, "/readyz", env={"PYTHONPATH": str(loadgen.REPO)}) as server:
         requests = serving.requests_for("ours", port, loadgen.digit_png(), bulk_images=1)  # the same requests
-        requests |= serving.binary_requests(port, loadgen.digit_pixels(), bulk_images=1)
+        c, h, w = read_card(args.checkpoint)["input"]["shape"]  # a raw tensor must have the model's own shape
+        pixels = loadgen.digit_pixels((w, h), c)
+        requests |= serving.binary_requests(port, pixels, 1, Path(args.checkpoint).resolve().name)
         for load in args.loads:
             loadgen.run(port, requests[load], args.clients, 10**6, 1.0)
             before = thread_cpu_seconds(server.pid)
             result = loadgen.run(port, requests[load], args.clients, 10**7, args.duration)
+            failed = {status: n for status, n in result.statuses.items() if status != 200}
+            if failed or result.errors:
+                print(f"{load}: answers other than 200: {failed}, connection errors: {result.errors}")
             after = thread_cpu_seconds(server.pid)
             spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
             busy = sorted((t for t in spent if t != server.pid and spent[t] > 0.01), key=spent.get, reverse=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import time
 from pathlib import Path
@@ -175,12 +176,19 @@ def test_binary_cells_requests_and_targets() -> None:
     assert serving.runs_on("encode v1 tensor", "ours") and not serving.runs_on("encode v1 tensor", "plain")
     assert not serving.runs_on("bulk encode v1 tensor", "ours-baseline") and serving.runs_on("encode", "litserve")
     pixels = loadgen.digit_pixels((8, 8))
-    requests = serving.binary_requests(1234, pixels, bulk_images=3)
+    requests = serving.binary_requests(1234, pixels, bulk_images=3, model="tiny")
     single, bulk = requests["encode v1 tensor"], requests["bulk encode v1 tensor"]
     assert single.startswith(b"POST /v1/encode?shape=1,1,8,8&dtype=uint8 HTTP/1.1\r\n")
     assert b"Content-Type: application/octet-stream\r\n" in single and b"Accept: application/octet-stream" in single
     assert single.endswith(b"\r\n\r\n" + pixels.tobytes()) and b"Content-Length: 64\r\n" in single
     assert b"shape=3,1,8,8" in bulk and bulk.endswith(pixels.tobytes() * 3)
+    v2 = requests["bulk encode v2 binary"]
+    assert v2.startswith(b"POST /v2/models/tiny-encoder/infer HTTP/1.1\r\n") and v2.endswith(pixels.tobytes() * 3)
+    head_length = int(v2.split(b"Inference-Header-Content-Length: ")[1].split(b"\r\n")[0])
+    header = json.loads(v2.split(b"\r\n\r\n", 1)[1][:head_length])
+    assert header["inputs"] == [
+        {"name": "images", "shape": [3, 1, 8, 8], "datatype": "UINT8", "parameters": {"binary_data_size": 192}}
+    ]
 
     def result(rps: float, latency_ms: float, clients: int) -> loadgen.Result:
         return loadgen.Result(clients, [latency_ms / 1000] * int(rps), 0, 1.0, {200: int(rps)})
@@ -202,10 +210,12 @@ def test_binary_cells_requests_and_targets() -> None:
 @pytest.mark.e2e
 def test_threads_table_of_a_real_server(tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
     threads.main(
-        ["--checkpoint", str(tiny_checkpoint), "--clients", "2", "--duration", "0.3", "--", "--cpu-threads", "1"]
+        ["--checkpoint", str(tiny_checkpoint), "--clients", "2", "--duration", "0.3", "--loads", "encode", "healthz"]
+        + ["encode v1 tensor", "encode v2 binary", "--", "--cpu-threads", "1"]
     )
     out = capsys.readouterr().out
-    assert "| encode |" in out and "| healthz |" in out and out.count("| main (event loop) |") == 2
+    assert "| encode |" in out and "| healthz |" in out and out.count("| main (event loop) |") == 4
+    assert "| encode v2 binary |" in out and "other than 200" not in out, out  # serving.py's binary requests work
 
 
 def test_thread_cpu_seconds_sees_this_process_working() -> None:
