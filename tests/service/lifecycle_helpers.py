@@ -3,8 +3,10 @@ folders are not packages). The fixtures they go with (other_checkpoint, weights,
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,3 +62,29 @@ def seeded_latents(seed: int, n: int = 1) -> list[list[float]]:
 def corrupt_weights(version: Path) -> None:
     weights = version / checkpoint.WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:100])
+
+
+async def hold_across_a_reload(
+    app: Any, client: httpx.AsyncClient, root: Path, weights: dict[str, Path], send: Callable[[], Awaitable[Any]]
+) -> tuple[asyncio.Future[Any], asyncio.Future[Any], asyncio.Event]:
+    """Start `send()` (a request for model `swap`, version 2 by default) and hold it between choosing its version and
+    its batcher; retire version 2, put version 3 (weights "a") in its place and start a reload; return once version
+    3 answers new requests. Returns the held request, the reload call, and the event that lets the request go on."""
+    predictor = app.state.registry.models["swap"].predictor
+    entered, opened = asyncio.Event(), asyncio.Event()
+    real = predictor.decode_request
+
+    async def held(call: Any) -> Any:
+        entered.set()
+        await opened.wait()
+        return await real(call)
+
+    predictor.decode_request = held
+    in_flight = asyncio.ensure_future(send())
+    await entered.wait()
+    shutil.rmtree(root / "swap" / "2")
+    put_version(root / "swap", "3", weights["a"])
+    reload = asyncio.ensure_future(client.post("/v1/models/swap/reload", headers=ADMIN))
+    while app.state.registry.models["swap"].version != "3":
+        await asyncio.sleep(0.001)
+    return in_flight, reload, opened

@@ -18,7 +18,16 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from lifecycle_helpers import ADMIN, computed_by, corrupt_weights, decode, put_version, seeded_latents, settings
+from lifecycle_helpers import (
+    ADMIN,
+    computed_by,
+    corrupt_weights,
+    decode,
+    hold_across_a_reload,
+    put_version,
+    seeded_latents,
+    settings,
+)
 from service_helpers import assert_error, digit_like, files, png, serve
 
 from model import checkpoint
@@ -254,23 +263,9 @@ async def test_a_request_in_flight_finishes_on_the_version_it_started_on(root: P
     runs on version 2, whose batcher stops only after it is answered, while new requests get version 3."""
     z = seeded_latents(2)
     async with serve(settings(root)) as (app, client):
-        predictor = app.state.registry.models["swap"].predictor
-        entered, opened = asyncio.Event(), asyncio.Event()
-        real = predictor.decode_request
-
-        async def held(call: Any) -> Any:
-            entered.set()
-            await opened.wait()
-            return await real(call)
-
-        predictor.decode_request = held
-        in_flight = asyncio.ensure_future(decode(client, "swap", z))
-        await entered.wait()
-        shutil.rmtree(root / "swap" / "2")
-        put_version(root / "swap", "3", weights["a"])
-        reload = asyncio.ensure_future(client.post("/v1/models/swap/reload", headers=ADMIN))
-        while app.state.registry.models["swap"].version != "3":
-            await asyncio.sleep(0.001)
+        in_flight, reload, opened = await hold_across_a_reload(
+            app, client, root, weights, lambda: decode(client, "swap", z)
+        )
         r = await decode(client, "swap", z)
         assert r.json()["version"] == "3" and computed_by(oracles["a"], z, r.json()["pixels"])
         assert_error(await decode(client, "swap@2", z), 404, "model_not_found")

@@ -6,7 +6,6 @@ a request in flight across a reload is answered by the version it started on; an
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +19,16 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 import tritonclient.http as httpclient
 import uvicorn
-from lifecycle_helpers import ADMIN, KEY, computed_by, corrupt_weights, put_version, seeded_latents, settings
+from lifecycle_helpers import (
+    ADMIN,
+    KEY,
+    computed_by,
+    corrupt_weights,
+    hold_across_a_reload,
+    put_version,
+    seeded_latents,
+    settings,
+)
 from service_helpers import serve
 from tritonclient.utils import InferenceServerException
 from v2_helpers import assert_v2_error, images_uint8, json_request, outputs_of
@@ -104,23 +112,9 @@ async def test_a_request_in_flight_across_a_reload_is_answered_by_its_version(ro
     runs on version 2, whose batcher stops only after it is answered, while new v2 requests get version 3."""
     z = seeded_latents(2)
     async with serve(settings(root)) as (app, client):
-        predictor = app.state.registry.models["swap"].predictor
-        entered, opened = asyncio.Event(), asyncio.Event()
-        real = predictor.decode_request
-
-        async def held(call: Any) -> Any:
-            entered.set()
-            await opened.wait()
-            return await real(call)
-
-        predictor.decode_request = held
-        in_flight = asyncio.ensure_future(infer(client, "swap-decoder", z))
-        await entered.wait()
-        shutil.rmtree(root / "swap" / "2")
-        put_version(root / "swap", "3", weights["a"])
-        reload = asyncio.ensure_future(client.post("/v1/models/swap/reload", headers=ADMIN))
-        while app.state.registry.models["swap"].version != "3":
-            await asyncio.sleep(0.001)
+        in_flight, reload, opened = await hold_across_a_reload(
+            app, client, root, weights, lambda: infer(client, "swap-decoder", z)
+        )
         version, images = answered(await infer(client, "swap-decoder", z))
         assert version == "3" and computed_by(oracles["a"], z, images)
         assert_v2_error(await infer(client, "swap-decoder", z, "2"), 404, "versions: 1, 3")
