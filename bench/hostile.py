@@ -297,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, default=loadgen.REPO / "checkpoints" / "mnist")
     parser.add_argument("--concurrent", type=int, default=8, help="copies of the heaviest legal uploads sent at once")
     parser.add_argument("--rounds", type=int, default=2, help="run everything this many times (RSS must not grow)")
+    parser.add_argument(
+        "--settle", type=float, default=2.0, help="seconds to wait after a round before its RSS is read"
+    )
     parser.add_argument("--only", nargs="*", help="case names to run (default: all)")
     args = parser.parse_args(argv)
 
@@ -349,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{after:.0f}",
                     ]
                 )
+            time.sleep(args.settle)  # the server hands a burst's freed heap back within a second (service.memory)
             rounds.append(f"round {round_}: RSS {memory.rss_mb(pid):.0f} MiB after it, peak {peak:.0f} MiB so far")
             if round_ == 1:
                 print(

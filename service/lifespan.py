@@ -1,10 +1,10 @@
-"""The server's life: start-up (load and warm every model, tune the process for a long-lived server) and shutdown,
-and the one-line message a failed start-up leaves instead of a traceback."""
+"""The server's life: start-up (load and warm every model, tune the process's memory for a long-lived server: see
+service.memory) and shutdown, and the one-line message a failed start-up leaves instead of a traceback."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import asyncio
+import contextlib
 import gc
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -12,24 +12,10 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import memory, torch_threads
 from service.errors import StartupError
 from service.registry import ModelRegistry
 from service.v2 import grpc_server
-
-M_MMAP_THRESHOLD = -3  # glibc's malloc.h
-MMAP_THRESHOLD = 1 << 20
-
-
-def return_freed_memory() -> bool:
-    """Have glibc serve every allocation of 1 MiB or more with a mapping of its own, given back to the system when
-    freed. Its default threshold rises after the first large free (up to 32 MiB), after which big buffers (request
-    bodies, decoded images) come from per-thread heaps that keep them: a burst of large uploads left the process
-    holding ~1 GB it no longer used (docs/reliability.md). False (and nothing done) without glibc."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    except (OSError, AttributeError):
-        return False
 
 
 def lifespan(
@@ -41,11 +27,12 @@ def lifespan(
 
     @asynccontextmanager
     async def run(app: FastAPI) -> AsyncIterator[None]:
-        return_freed_memory()
+        memory.tune_malloc()
         settings = registry.settings
         grpc = None
         try:
             await registry.start()
+            torch_threads.run_alone()  # the event loop's torch ops (rendering, stacking) stay off OpenMP teams
             if settings.grpc:
                 grpc = await grpc_server.start(registry, settings, app.state.metrics)
         except StartupError as e:
@@ -56,9 +43,13 @@ def lifespan(
         # What is alive now (torch, the app, the models: ~200k objects) lives as long as the server. Frozen, the
         # collector's full passes stop walking it: they took 50-100 ms each under load (docs/benchmarks.md).
         gc.freeze()
+        trimmer = asyncio.get_running_loop().create_task(memory.trim_after_growth(), name="trim-heap")
         try:
             yield
         finally:
+            trimmer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await trimmer
             gc.unfreeze()
             if grpc is not None:
                 await grpc.stop(settings.graceful_shutdown_s)

@@ -19,8 +19,6 @@ The Open Inference Protocol's repository extension maps onto `index` (/v2/reposi
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import gc
 import json
 import logging
@@ -38,6 +36,7 @@ import torch
 
 from model import checkpoint
 from model.device import resolve_device
+from service import memory
 from service.batching import BatchObserver, MicroBatcher
 from service.errors import InvalidModelFolder, ModelNotFound, ModelNotReady, ServiceError, StartupError
 from service.predictor import MERGEABLE_OPS, VAEPredictor
@@ -226,10 +225,7 @@ def release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    memory.trim()
 
 
 # -- what serves -----------------------------------------------------------------------------------------------------

@@ -1,0 +1,91 @@
+"""How the process's heap is handed back to the system: glibc's malloc tuned for a long-lived server, and a watch
+that trims the heap after a burst of large requests. Without glibc (or /proc) every function here does nothing.
+
+Two costs pull against each other (docs/reliability.md, docs/benchmarks.md):
+
+- A forward pass allocates its activations afresh each time: megabytes for a batch (a 256-image batch of the default
+  conv VAE: ~10 MB in buffers of 1-4 MB). Served from mappings of their own (mmap), each is page-faulted in and
+  unmapped again on every forward; on these virtual machines that doubled a 256-image forward (8.5 -> 16.5 ms).
+- Heap memory is not given back: after a burst of large uploads (4096x4096 images) the per-thread heaps kept the
+  freed buffers, ~1 GB the process no longer used.
+
+So buffers up to MMAP_THRESHOLD come from the heaps, reused forward after forward, and the process trims its heaps
+(malloc_trim, which also returns free pages in the middle of them) when its resident size has grown by
+TRIM_AFTER_GROWTH since the last look: after a burst, not on every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger("vae_serve")
+
+M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+MMAP_THRESHOLD = 8 << 20
+TRIM_EVERY_S = 1.0
+TRIM_AFTER_GROWTH = 64 << 20
+
+
+def _libc() -> Any | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (glibc has both; other C libraries may not)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def tune_malloc() -> bool:
+    """Fix glibc's mmap threshold at MMAP_THRESHOLD: buffers below it come from the heaps, larger ones are mappings
+    of their own, returned when freed. Fixed, it also keeps glibc's trim threshold at its 128 KiB default (a moving
+    one doubles it). False (and nothing done) without glibc."""
+    libc = _libc()
+    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+def trim() -> None:
+    """Hand every free page of every heap back to the system (glibc's malloc_trim(0)); nothing without glibc."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set size, from /proc/self/statm; None where there is no /proc."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+async def trim_after_growth(
+    every_s: float = TRIM_EVERY_S,
+    growth: int = TRIM_AFTER_GROWTH,
+    resident: Callable[[], int | None] = resident_bytes,
+    trim: Callable[[], None] = trim,
+) -> None:
+    """Run until cancelled: every `every_s`, trim the heaps (in a thread: it takes milliseconds) when the resident
+    size has grown by `growth` bytes since the last trim or start. Under steady load the size holds and nothing
+    runs; after a burst of large requests the freed memory goes back within a second or so."""
+    floor = resident()
+    if floor is None:
+        return
+    while True:
+        await asyncio.sleep(every_s)
+        now = resident()
+        if now is None:
+            return
+        if now - floor >= growth:
+            await asyncio.to_thread(trim)
+            after = resident()
+            logger.debug("heap trimmed: resident %.0f -> %.0f MiB", now / 2**20, (after or now) / 2**20)
+            floor = after if after is not None else now
+        else:
+            floor = min(floor, now)
