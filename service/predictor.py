@@ -27,7 +27,7 @@ from PIL import Image
 
 from model import anomaly, checkpoint, latent, losses, preprocess
 from model.vae import VAE, VAEConfig, VAEOutput, randn
-from service import media
+from service import media, torch_threads
 from service.errors import InvalidInput, OutOfMemory, UnsupportedForModel
 from service.schemas import (
     Answer,
@@ -286,7 +286,7 @@ class VAEPredictor:
         for data, name in zip(call.files, call.names, strict=True):
             part = self.inline_image(data, name)
             if isinstance(part, Image.Image):
-                part = await asyncio.to_thread(self.image_tensor, part, name)
+                part = await asyncio.to_thread(torch_threads.alone(self.image_tensor), part, name)
             parts.append(part)
             if not isinstance(part, np.ndarray):  # uint8 pixels are at the model's size and mode already
                 note = self.conversion(data, name)
