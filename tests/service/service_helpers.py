@@ -32,14 +32,16 @@ async def serve(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncC
 
 
 @contextmanager
-def serve_http(settings: Settings) -> Iterator[str]:
-    """The app served by uvicorn in a thread on a free port, for clients that speak real HTTP; yields its base URL."""
+def serve_app(app: FastAPI) -> Iterator[int]:
+    """`app` served by uvicorn (its own event loop: uvloop where installed) in a thread on a free port, for clients
+    that speak real HTTP (or, with grpc=True in its settings, gRPC on app.state.grpc_port); yields the HTTP port and
+    stops the server after."""
     import threading
     import time
 
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -47,10 +49,18 @@ def serve_http(settings: Settings) -> Iterator[str]:
         while not server.started and thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert server.started, "uvicorn did not start"
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        yield server.servers[0].sockets[0].getsockname()[1]
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+    assert not thread.is_alive(), "uvicorn did not stop within 30 s"
+
+
+@contextmanager
+def serve_http(settings: Settings) -> Iterator[str]:
+    """The app for `settings`, served as serve_app does; yields its base URL."""
+    with serve_app(create_app(settings)) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 # -- images and assertions ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from service_helpers import digit_like, png
+from service_helpers import digit_like, png, serve_http
 
 from service.client import VAEClient, VAEServiceError
 
@@ -132,32 +132,15 @@ def test_bad_image_inputs_say_what_to_send() -> None:
 def test_the_module_docstring_runs(settings_for, tmp_path, monkeypatch) -> None:
     """The examples in service.client's docstring, against the tiny models served by uvicorn on a free port."""
     import doctest
-    import threading
-    import time
-
-    import uvicorn
 
     from service import client as client_module
-    from service.main import create_app
 
-    server = uvicorn.Server(uvicorn.Config(create_app(settings_for()), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        port = server.servers[0].sockets[0].getsockname()[1]
+    with serve_http(settings_for()) as url:
         (tmp_path / "digit.png").write_bytes(png(digit_like(1)))
         monkeypatch.chdir(tmp_path)
         real_client = httpx.Client
-        monkeypatch.setattr(
-            client_module.httpx, "Client", lambda base_url, **kw: real_client(base_url=f"http://127.0.0.1:{port}", **kw)
-        )
+        monkeypatch.setattr(client_module.httpx, "Client", lambda base_url, **kw: real_client(base_url=url, **kw))
         result = doctest.testmod(client_module, raise_on_error=False, verbose=False)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
     assert result.attempted >= 3 and result.failed == 0
 
 

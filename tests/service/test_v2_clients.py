@@ -4,8 +4,6 @@ answer equals the /v1 JSON answer for the same input (float32 within 1e-5, uint8
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,8 +12,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-import uvicorn
-from service_helpers import decode_png, files, png
+from service_helpers import decode_png, files, png, serve_app
 from tritonclient.utils import InferenceServerException
 from v2_helpers import images_uint8
 
@@ -26,21 +23,10 @@ TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 @pytest.fixture(scope="module")
 def server(settings_for) -> Iterator[dict[str, Any]]:
-    """uvicorn (its own event loop: uvloop where installed) in a thread, HTTP on a free port and gRPC on another."""
+    """uvicorn in a thread, HTTP on a free port and gRPC on another."""
     app = create_app(settings_for(grpc=True, grpc_port=0))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as v1:
+    with serve_app(app) as port, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as v1:
         yield {"http": f"127.0.0.1:{port}", "grpc": f"127.0.0.1:{app.state.grpc_port}", "v1": v1}
-    server.should_exit = True
-    thread.join(timeout=30)
-    assert not thread.is_alive()
 
 
 @pytest.fixture(scope="module", params=["http", "grpc"])

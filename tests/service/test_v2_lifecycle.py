@@ -6,8 +6,6 @@ a request in flight across a reload is answered by the version it started on; an
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,6 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 import tritonclient.http as httpclient
-import uvicorn
 from lifecycle_helpers import (
     ADMIN,
     KEY,
@@ -29,7 +26,7 @@ from lifecycle_helpers import (
     seeded_latents,
     settings,
 )
-from service_helpers import serve
+from service_helpers import serve, serve_app
 from tritonclient.utils import InferenceServerException
 from v2_helpers import assert_v2_error, images_uint8, json_request, outputs_of
 
@@ -243,19 +240,8 @@ async def test_repository_refusals(root: Path, weights) -> None:
 def live(root: Path) -> Iterator[dict[str, str]]:
     """uvicorn in a thread over `root` with the admin API on: HTTP on a free port and gRPC on another."""
     app = create_app(settings(root, grpc=True, grpc_port=0))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    yield {
-        "http": f"127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}",
-        "grpc": f"127.0.0.1:{app.state.grpc_port}",
-    }
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve_app(app) as port:
+        yield {"http": f"127.0.0.1:{port}", "grpc": f"127.0.0.1:{app.state.grpc_port}"}
 
 
 @pytest.mark.parametrize("kind", ["http", "grpc"])
