@@ -5,7 +5,7 @@ Two costs pull against each other (docs/reliability.md, docs/benchmarks.md):
 
 - A forward pass allocates its activations afresh each time: megabytes for a batch (a 256-image batch of the default
   conv VAE: ~10 MB in buffers of 1-4 MB). Served from mappings of their own (mmap), each is page-faulted in and
-  unmapped again on every forward; on these virtual machines that doubled a 256-image forward (8.5 -> 16.5 ms).
+  unmapped again on every forward; on these virtual machines that doubled a 256-image forward (8.5 -> 16.4 ms).
 - Heap memory is not given back: after a burst of large uploads (4096x4096 images) the per-thread heaps kept the
   freed buffers, ~1 GB the process no longer used.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -32,7 +33,9 @@ TRIM_EVERY_S = 1.0
 TRIM_AFTER_GROWTH = 64 << 20
 
 
+@functools.cache
 def _libc() -> Any | None:
+    """glibc, looked up once: find_library runs ldconfig in a subprocess."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt, libc.malloc_trim  # noqa: B018 (glibc has both; other C libraries may not)
