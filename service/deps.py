@@ -29,6 +29,10 @@ async def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
+# The getters service/routing.LeanRoute may call itself, without FastAPI's dependency solving: each takes only the
+# Request and reads app.state.
+STATE_GETTERS = frozenset({get_settings, get_registry, get_metrics})
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]

@@ -12,6 +12,7 @@ from service.metrics import Metrics, MetricsMiddleware
 from service.openapi import with_definitions
 from service.registry import ModelRegistry
 from service.routes import admin, health, metrics, models, vae, web
+from service.routing import check_lean_inclusion
 from service.security import APIKeyMiddleware, with_security_schemes
 from service.settings import Settings, get_settings
 from service.v2 import rest as v2
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = registry
     app.state.metrics = registry_metrics
     install_handlers(app)
+    check_lean_inclusion(app)
     app.include_router(health.router)
     app.include_router(vae.router)  # before models: routes are matched in order, and these are the hot ones
     app.include_router(models.router)

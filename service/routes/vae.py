@@ -15,6 +15,7 @@ from service import decoding, rendering
 from service.deps import RegistryDep, SettingsDep
 from service.openapi import OCTET_STREAM, image_responses, images_body, json_body, query, raw_body
 from service.registry import ModelRegistry
+from service.routing import LeanRoute
 from service.schemas import (
     Call,
     DecodeRequest,
@@ -39,7 +40,7 @@ from service.schemas import (
 )
 from service.settings import Settings
 
-router = APIRouter(prefix="/v1", tags=["vae"])
+router = APIRouter(prefix="/v1", tags=["vae"], route_class=LeanRoute)
 VERSION_HEADER = "X-Model-Version"
 VERSION_KEY = VERSION_HEADER.lower().encode("latin-1")
 

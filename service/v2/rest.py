@@ -18,11 +18,12 @@ from service.deps import RegistryDep, SettingsDep
 from service.errors import ModelNotReady
 from service.openapi import schema_of
 from service.routes.admin import require_admin
+from service.routing import LeanRoute
 from service.settings import Settings
 from service.v2 import catalog, codec, inference, repository
 from service.v2.codec import HEADER, V2Error
 
-router = APIRouter(prefix="/v2", tags=["v2"])
+router = APIRouter(prefix="/v2", tags=["v2"], route_class=LeanRoute)
 repository_router = APIRouter(
     prefix="/v2/repository", tags=["v2 repository"], dependencies=[Depends(require_admin)]
 )  # 404 for every call unless the settings hold an admin key
