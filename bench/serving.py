@@ -76,7 +76,10 @@ def server_command(name: str, args: argparse.Namespace, port: int) -> tuple[list
     threads = ["--threads", str(args.threads)] if args.threads else []
     env = {"PYTHONPATH": str(REPO)}
     if name.startswith("ours"):
-        flags = ["--device", args.device, "--max-images-per-request", str(args.bulk_images)]
+        # Configured for the bulk loads: requests of --bulk-images images are allowed and run as one forward pass,
+        # as the in-process limit does (docs/api.md, "Batching"); single-image batches stay far below either.
+        bulk = str(args.bulk_images)
+        flags = ["--device", args.device, "--max-images-per-request", bulk, "--max-batch-size", bulk]
         flags += ["--cpu-threads", str(args.threads)] if args.threads else []
         flags += ["--no-batching"] if name == "ours-nobatch" else []
         if name == "ours-baseline":  # the same service from another source tree, e.g. a git worktree

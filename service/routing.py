@@ -1,7 +1,8 @@
 """LeanRoute: the /v1 verbs' route class. Same declaration, same OpenAPI, less work per request.
 
 A verb's parameters are the `Request` and the app-state dependencies of service/deps.py (`SettingsDep`,
-`RegistryDep`): it reads and validates its own body (decoding.py) and returns a Response. For such an endpoint,
+`RegistryDep`): it reads and validates its own body (decoding.py) and returns a Response (so do `/healthz`, `/readyz`
+and v2's infer, which also takes its model's name from the path). For such an endpoint,
 FastAPI's request handler (`get_request_handler`) and `solve_dependencies` add nothing but time: a Response object
 per dependency level, the query string, headers and cookies matched against empty parameter lists, telemetry
 bookkeeping. Measured on `/v1/encode` at 64 clients (docs/benchmarks.md, section 000b): the two dependencies alone
@@ -10,7 +11,7 @@ cost 22 % of the requests per second, FastAPI's handler around an endpoint witho
 So `get_route_handler` (FastAPI's documented hook for custom route classes) returns, for those endpoints, a handler
 that awaits each app-state getter with the request and then the endpoint. Anything else (a path, query, header or
 body parameter, any other dependency, a dependency override set on the app, as tests do) goes through FastAPI's own
-handler, unchanged.
+handler, unchanged, and so does every endpoint not annotated to return a Response.
 
 One limit: dependencies given to `include_router` or to the app apply to a route through an "effective route" that
 FastAPI builds privately, which a public route class cannot see. So main.py includes routers with LeanRoutes without
@@ -25,6 +26,7 @@ from typing import Any, Optional
 
 from fastapi import FastAPI, Request, Response
 from fastapi.dependencies.models import Dependant
+from fastapi.dependencies.utils import get_typed_return_annotation
 from fastapi.routing import APIRoute
 
 from service.deps import STATE_GETTERS
@@ -35,10 +37,11 @@ OPTIONAL_STR: tuple[Any, ...] = (str, str | None, Optional[str])  # noqa: UP045 
 
 
 def lean_values(dependant: Dependant) -> list[tuple[str, Getter]] | None:
-    """(parameter, getter) for each of the endpoint's parameters but the Request, when it can be read without
-    validation: an app-state dependency (awaited), a `str` path parameter, an optional `str` query parameter
-    (defaulting to None; the last value, as FastAPI takes it). None when FastAPI's handler has anything else to do."""
-    if dependant.request_param_name is None or (
+    """(parameter, getter) for each of the endpoint's parameters but the Request (if it takes one), when it can be
+    read without validation: an app-state dependency (awaited), a `str` path parameter, an optional `str` query
+    parameter (defaulting to None; the last value, as FastAPI takes it). None when FastAPI's handler has anything
+    else to do."""
+    if (
         dependant.header_params
         or dependant.cookie_params
         or dependant.body_params
@@ -65,6 +68,13 @@ def lean_values(dependant: Dependant) -> list[tuple[str, Getter]] | None:
     return values
 
 
+def returns_response(endpoint: Callable[..., Any]) -> bool:
+    """The endpoint is annotated to return a Response: FastAPI would pass it through untouched (anything else it
+    validates against the response model and serialises)."""
+    annotation = get_typed_return_annotation(endpoint)
+    return isinstance(annotation, type) and issubclass(annotation, Response)
+
+
 def path_value(alias: str) -> Getter:
     async def get(request: Request) -> Any:
         return request.path_params[alias]
@@ -83,17 +93,17 @@ class LeanRoute(APIRoute):
     def get_route_handler(self) -> Handler:
         fastapi_handler = super().get_route_handler()
         getters = lean_values(self.dependant)
-        if getters is None:
+        if getters is None or not returns_response(self.endpoint):
             return fastapi_handler
         endpoint: Callable[..., Coroutine[Any, Any, Response]] = self.endpoint
         request_name = self.dependant.request_param_name
-        assert request_name is not None
 
         async def handler(request: Request) -> Response:
             if getattr(request.app, "dependency_overrides", None):  # the app's: tests set them after routes exist
                 return await fastapi_handler(request)
             values = {name: await get(request) for name, get in getters}
-            values[request_name] = request
+            if request_name is not None:
+                values[request_name] = request
             return await endpoint(**values)
 
         return handler

@@ -7,9 +7,10 @@ from fastapi.responses import JSONResponse
 
 from service.deps import RegistryDep
 from service.errors import error_response
+from service.routing import LeanRoute
 from service.schemas import ErrorResponse, Health, Readiness
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=LeanRoute)
 
 
 HEALTHY = Health(status="ok").model_dump_json().encode()

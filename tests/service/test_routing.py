@@ -14,22 +14,26 @@ from service_helpers import assert_error, digit_like, files, png
 
 from service.deps import RegistryDep, SettingsDep, get_settings
 from service.main import create_app
-from service.routes import vae
-from service.routing import LeanRoute, check_lean_inclusion, lean_values
+from service.routes import health, vae
+from service.routing import LeanRoute, check_lean_inclusion, lean_values, returns_response
 from service.settings import Settings
 from service.v2 import rest as v2
 
 pytestmark = pytest.mark.anyio
 
 
-def test_every_model_verb_and_v2_infer_take_the_lean_handler(settings_for: Any) -> None:
+def test_every_model_verb_v2_infer_and_the_probes_take_the_lean_handler(settings_for: Any) -> None:
     create_app(settings_for())  # includes the routers: its check passes
     routes = [r for r in vae.router.routes if isinstance(r, APIRoute)]
     assert {r.path for r in routes} >= {"/v1/encode", "/v1/decode", "/v1/sample", "/v1/reconstruct", "/v1/score"}
     routes += [r for r in v2.router.routes if isinstance(r, APIRoute) and r.path.endswith("/infer")]
-    assert len(routes) >= 9
+    routes += [r for r in health.router.routes if isinstance(r, APIRoute)]
+    assert len(routes) >= 11
     for route in routes:
         assert isinstance(route, LeanRoute) and lean_values(route.dependant) is not None, route.path
+        assert returns_response(route.endpoint), route.path
+    metadata = next(r for r in v2.router.routes if isinstance(r, APIRoute) and r.path == "/v2")
+    assert not returns_response(metadata.endpoint)  # a dict: FastAPI's handler serialises it
 
 
 async def tag(request: Request) -> str:
@@ -51,6 +55,14 @@ def make_app(value: str) -> tuple[FastAPI, APIRouter]:
     @router.get("/named/{name}")
     async def with_path(request: Request, name: str, registry: RegistryDep, version: str | None = None) -> Response:
         return PlainTextResponse(f"{name} {version} {registry}")
+
+    @router.get("/plain")
+    async def returns_a_dict(settings: SettingsDep) -> dict[str, str]:
+        return {"model": settings.default_model}
+
+    @router.get("/bare")
+    async def bare() -> Response:
+        return PlainTextResponse("bare")
 
     @router.get("/other")
     async def with_other_dependency(request: Request, value: Annotated[str, Depends(tag)]) -> Response:
@@ -92,6 +104,8 @@ async def test_answers_are_the_same_through_either_handler(through: str) -> None
     assert (await get(app, "/other")).text == "tagged"
     assert (await get(app, "/named/x")).text == "x None registry"
     assert (await get(app, "/named/x?version=1&version=2")).text == "x 2 registry"  # the last value
+    assert (await get(app, "/plain")).json() == {"model": "m"}  # not a Response: FastAPI serialises it
+    assert (await get(app, "/bare")).text == "bare"
 
 
 async def test_dependency_overrides_are_honoured() -> None:
