@@ -40,14 +40,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan(registry, startup),
         docs_url=None,
         redoc_url=None,
+        # FastAPI asks OpenTelemetry for its global providers on every request unless told it is off
+        telemetry=None if settings.otel else {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = registry_metrics
     install_handlers(app)
     check_lean_inclusion(app)
+    app.include_router(vae.router)  # first: routes are matched in order, and these are the hot ones
     app.include_router(health.router)
-    app.include_router(vae.router)  # before models: routes are matched in order, and these are the hot ones
     app.include_router(models.router)
     app.include_router(admin.router)  # 404 for every call unless the settings hold an admin key
     app.include_router(v2.router)  # the Open Inference Protocol (docs/protocols.md)

@@ -94,6 +94,11 @@ class Settings(BaseSettings):
         "info", description="log level of the server and uvicorn: critical, error, warning, info or debug"
     )
     access_log: bool = Field(True, description="one log line per request")
+    otel: bool = Field(
+        False,
+        description="FastAPI's native OpenTelemetry (a span, metrics and logs per request) when an OpenTelemetry SDK "
+        "is configured in the process; off: FastAPI does not look for one on every request",
+    )
     graceful_shutdown_s: float = Field(20.0, gt=0, description="on SIGTERM, the longest wait for requests in flight")
     max_connections: int | None = Field(
         None,
