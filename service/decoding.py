@@ -15,6 +15,7 @@ Nothing here knows a model's shapes: VAEPredictor.decode_request checks the Call
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from typing import Any, TypeVar
 
@@ -193,11 +194,17 @@ async def raw_call(request: Request, schema: type[T], settings: Settings, format
             )
         array = read_tensor(await read_body(request, settings), query.shape, query.dtype)
         tensor = wire_images(array) if takes_images else wire_latents(array, query)
-    fields = {name: getattr(query, name) for name in schema.model_fields if name in type(query).model_fields}
+    fields = {name: getattr(query, name) for name in shared_fields(schema, type(query))}
     if "latents" in schema.model_fields:
         fields["latents"] = []  # they are the tensor
     params = schema.model_construct(**fields)  # validated as the query string already
     return finish(Call(params, fmt, files, ["the body"] * len(files), tensor, query), None, settings)
+
+
+@functools.cache
+def shared_fields(schema: type[BaseModel], query: type[BaseModel]) -> tuple[str, ...]:
+    """The fields a request schema takes from its raw body's query string."""
+    return tuple(name for name in schema.model_fields if name in query.model_fields)
 
 
 def read_tensor(body: bytes, shape: list[int], dtype: str) -> np.ndarray:

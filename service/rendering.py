@@ -34,6 +34,8 @@ OCTET_STREAM = "application/octet-stream"
 # Images up to this many pixels are encoded on the event loop (tens of microseconds); larger ones in a thread.
 INLINE_PIXELS = 256 * 256
 NOTES_HEADER = "X-Input-Converted"
+# numpy's dtype.__str__ runs Python code: a tensor answer's `dtype` header is looked up instead
+DTYPE_NAMES = {np.dtype(name): name for name in ("float32", "uint8")}
 
 
 async def render(answer: Answer, fmt: Format, gif_frame_ms: int = 100, options: TensorQuery | None = None) -> Response:
@@ -103,7 +105,7 @@ def tensor_response(answer: Answer, options: TensorQuery | None) -> Response:
         scaling, shift = getattr(options, "scaling_factor", None), getattr(options, "shift_factor", None)
         if scaling is not None or shift is not None:  # diffusers' latent scaling: (z - shift) * scaling
             array = (array - np.float32(shift or 0.0)) * np.float32(1.0 if scaling is None else scaling)
-    headers = {"shape": json.dumps(list(array.shape)), "dtype": str(array.dtype)}
+    headers = {"shape": json.dumps(list(array.shape)), "dtype": DTYPE_NAMES.get(array.dtype) or str(array.dtype)}
     if answer.fields.get("seed") is not None:
         headers["seed"] = str(answer.fields["seed"])
     if answer.tensor_fields:

@@ -22,6 +22,7 @@ Encoding = Literal["png", "pixels"]
 Format = Literal["json", "png", "gif", "jpeg", "tensor"]
 # The element types of a raw tensor body (Hugging Face's remote-VAE convention), little-endian.
 TensorDtype = Literal["float16", "float32", "bfloat16", "uint8"]
+TENSOR_DTYPES: tuple[str, ...] = get_args(TensorDtype)
 
 _IMAGES = "base64-encoded PNG or JPEG files (any size and mode; converted as in training)"
 _PIXELS = "pixel arrays in [0, 1] at the model's exact shape: (C, H, W), (H, W) for one channel, or flat"
@@ -384,8 +385,8 @@ class TensorQuery(ModelFormatQuery):
     @field_validator("dtype", mode="before")
     @classmethod
     def _known_dtype(cls, value: Any) -> Any:
-        if isinstance(value, str) and value not in get_args(TensorDtype):
-            raise ValueError(f"unknown dtype {value!r}; send one of {', '.join(get_args(TensorDtype))}")
+        if isinstance(value, str) and value not in TENSOR_DTYPES:
+            raise ValueError(f"unknown dtype {value!r}; send one of {', '.join(TENSOR_DTYPES)}")
         return value
 
 

@@ -19,6 +19,7 @@ version computes only while held (`acquire`, as /v1's answer does), so a reload 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -158,22 +159,32 @@ def roles(served: ServedModel) -> tuple[str, ...]:
 def v2_model(served: ServedModel, role: str, versions: tuple[str, ...]) -> V2Model:
     """The v2 model of one role of one served version; `versions`: every version of the model in that role."""
     p = served.predictor
-    c, h, w = p.input_shape
+    inputs, outputs, parameters = specs(role, p.input_shape, p.latent_dim, p.calibration is not None)
+    return V2Model(f"{served.name}-{role}", role, served, inputs, outputs, parameters, versions)
+
+
+@functools.cache  # a handful of shapes per server, asked for twice a request
+def specs(
+    role: str, input_shape: tuple[int, int, int], latent_dim: int, calibrated: bool
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], frozenset[str]]:
+    """A role's inputs, outputs and parameters for a model of these shapes."""
+    c, h, w = input_shape
     images = TensorSpec("images", ("UINT8", "FP32"), (-1, c, h, w))
-    latents = ("FP32",), (-1, p.latent_dim)
-    name = f"{served.name}-{role}"
+    latents = ("FP32",), (-1, latent_dim)
     if role == "encoder":
-        outputs = tuple(TensorSpec(n, *latents) for n in ("mu", "logvar", "z"))
-        return V2Model(name, role, served, (images,), outputs, frozenset({"sample", "seed"}), versions)
+        return (images,), tuple(TensorSpec(n, *latents) for n in ("mu", "logvar", "z")), frozenset({"sample", "seed"})
     if role == "decoder":
         outputs = (TensorSpec("images", ("FP32",), images.shape), TensorSpec("images_uint8", ("UINT8",), images.shape))
-        return V2Model(name, role, served, (TensorSpec("latents", *latents),), outputs, frozenset(), versions)
+        return (TensorSpec("latents", *latents),), outputs, frozenset()
     scores: tuple[str, ...] = ("elbo", "recon", "kl", "elbo_bits_per_dim", "log_likelihood", "bits_per_dim")
     scores += ("complexity_bits",)
-    if p.calibration is not None:  # the calibrated OOD score (docs/anomaly.md); is_anomaly as 1.0 / 0.0
+    if calibrated:  # the calibrated OOD score (docs/anomaly.md); is_anomaly as 1.0 / 0.0
         scores += ("ood_score", "p_value", "is_anomaly")
-    outputs = tuple(TensorSpec(n, ("FP32",), (-1,)) for n in scores)
-    return V2Model(name, role, served, (images,), outputs, frozenset({"k", "seed", "binarize", "fpr"}), versions)
+    return (
+        (images,),
+        tuple(TensorSpec(n, ("FP32",), (-1,)) for n in scores),
+        frozenset({"k", "seed", "binarize", "fpr"}),
+    )
 
 
 def role_versions(registry: ModelRegistry, base: str, role: str) -> tuple[str, ...]:

@@ -131,7 +131,7 @@ async def model_infer(
     model_name: str, request: Request, settings: SettingsDep, registry: RegistryDep, model_version: str | None = None
 ) -> Response:
     """Run the model: JSON tensors, or binary ones (the binary tensor data extension), both ways."""
-    catalog.resolve(registry, model_name, model_version)  # an unknown model or version: 404 before the body is read
+    catalog.lookup(registry, model_name, model_version)  # an unknown model or version: 404 before the body is read
     body = await codec.read(request, settings)
 
     async def disconnected() -> None:
