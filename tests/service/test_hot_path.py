@@ -17,7 +17,7 @@ from python_multipart.multipart import parse_options_header
 from service_helpers import assert_error, digit_like, files, png
 
 from model import preprocess
-from service import media
+from service import media, rendering
 from service.multipart import SIMPLE_DISPOSITION
 from service.predictor import float32_rows
 from service.rendering import json_response
@@ -155,3 +155,24 @@ def test_simple_content_disposition_parses_as_python_multipart(name: str, filena
     assert match is not None
     params = parse_options_header(raw)[1]
     assert match.group(1, 2) == (params[b"name"], params.get(b"filename"))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("n", [1, 2, 5, 9])
+def test_numpy_rendering_gives_the_torch_paths_bytes(channels: int, n: int) -> None:
+    """rendering.to_pil and grid quantise in numpy; every pixel as model.preprocess's tensor_to_pil and make_grid
+    give it, exact halves (k + 0.5) / 255, values outside [0, 1] and padding included."""
+    g = torch.Generator().manual_seed(n * channels)
+    images = torch.rand(n, channels, 6, 5, generator=g) * 1.2 - 0.1
+    ties = min(64, images.numel())
+    images.view(-1)[:ties] = (torch.arange(ties) + 0.5) / 255.0  # ties: rounded half to even in both
+    for image, expected in zip(rendering.to_pil(images), images, strict=True):
+        assert image.tobytes() == preprocess.tensor_to_pil(expected).tobytes()
+    for nrow, padding in [(None, 2), (2, 0), (3, 1)]:
+        got = rendering.grid(images, nrow, padding)
+        if n == 1:
+            want = preprocess.tensor_to_pil(images[0])
+        else:
+            rows = nrow or int(np.ceil(np.sqrt(n)))
+            want = preprocess.tensor_to_pil(preprocess.make_grid(images, nrow=rows, padding=padding))
+        assert (got.mode, got.size, got.tobytes()) == (want.mode, want.size, want.tobytes())
