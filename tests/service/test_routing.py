@@ -15,7 +15,7 @@ from service_helpers import assert_error, digit_like, files, png
 from service.deps import RegistryDep, SettingsDep, get_settings
 from service.main import create_app
 from service.routes import health, vae
-from service.routing import LeanRoute, check_lean_inclusion, lean_values, returns_response
+from service.routing import LeanRoute, add_routes, check_lean_inclusion, lean_values, returns_response
 from service.settings import Settings
 from service.v2 import rest as v2
 
@@ -130,3 +130,20 @@ async def test_errors_through_the_lean_handler_keep_their_body(client: httpx.Asy
     assert_error(response, 404, "model_not_found", "no-such-model")
     response = await client.post("/v1/encode?modle=tiny", files=files(png(digit_like(0))))
     assert_error(response, 422, "invalid_request", "modle")
+
+
+def test_added_routers_are_the_apps_own_routes_and_keep_their_declarations(settings_for: Any) -> None:
+    app = create_app(settings_for())
+    own = {route.path: route for route in app.router.routes if isinstance(route, APIRoute)}
+    assert {"/healthz", "/readyz", "/v1/encode", "/v1/sample", "/v2/models/{model_name}/infer"} <= set(own)
+    assert own["/v1/encode"].tags == ["vae"] and isinstance(own["/v1/encode"], LeanRoute)
+    paths = app.openapi()["paths"]
+    assert paths["/v1/encode"]["post"]["tags"] == ["vae"] and "/healthz" in paths and "/v2" in paths
+
+
+def test_a_router_with_dependencies_is_not_added() -> None:
+    async def guard() -> None:
+        return None
+
+    with pytest.raises(ValueError, match="must be included"):
+        add_routes(FastAPI(), APIRouter(dependencies=[Depends(guard)]))
