@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import inprocess, loadgen, serving, swaps, threads
+from bench import ab, inprocess, loadgen, serving, swaps, threads
 
 
 async def tiny_http_server(answer: bytes) -> tuple[asyncio.Server, int]:
@@ -227,7 +227,7 @@ def test_thread_cpu_seconds_sees_this_process_working() -> None:
     assert after[os.getpid()] - before[os.getpid()] >= 0.02  # 50 ms of CPU, counted in ticks of 10 ms
 
 
-@pytest.mark.parametrize("script", [inprocess, serving, threads])
+@pytest.mark.parametrize("script", [inprocess, serving, threads, ab])
 def test_help(script, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--help"])
@@ -245,3 +245,13 @@ def test_a_baseline_build_runs_from_its_own_tree(tmp_path: Path) -> None:
     assert base[base.index("--port") + 1] == "9002" and base[:3] == ours[:3]
     with pytest.raises(SystemExit):
         serving.main(["--baseline", str(tmp_path)])  # no service/ there
+
+
+def test_ab_builds_the_same_loads_at_the_checkpoints_size(tiny_checkpoint: Path) -> None:
+    """bench/ab.py: every load is a request for the tiny model's 8x8 input, and NAME=DIR must be a source tree."""
+    loads = ab.loads(9000, tiny_checkpoint, 4)
+    assert set(loads) == set(ab.KINDS)
+    assert b"shape=1,1,8,8&dtype=uint8" in loads["tensor"] and b"shape=4,1,8,8" in loads["bulk tensor"]
+    assert len(loads["tensor"].split(b"\r\n\r\n", 1)[1]) == 64
+    with pytest.raises(SystemExit):
+        ab.main(["encode", "1", "x=/nonexistent"])

@@ -1,0 +1,94 @@
+"""Two or more builds of the service, side by side under one load: which is faster, as a ratio of medians.
+
+    python bench/ab.py encode 64 before=/tmp/wt-before after=. --rounds 5
+
+Each NAME=DIR is a source tree (a git worktree of another commit, or this one) started as `python -m service` on
+the same checkpoint and flags. Every round drives each server in turn with the same load for --seconds (after
+--warmup unmeasured), reversing the order every other round so that a machine getting faster or slower hits all
+alike; the table gives each build's median req/s and p50, and its ratio to the first build's median. On a shared
+2-core machine a change under ~5 % needs more rounds than that to tell from noise (docs/benchmarks.md, 0000).
+
+Loads: encode, sample?n=1, healthz (as bench/serving.py sends them), bulk encode (--bulk-images PNGs), and the binary
+path: tensor (one uint8 image as a raw /v1/encode body), bulk tensor, v2 (one image, v2 binary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from bench import loadgen
+from bench.serving import has_grpc_flag, requests_for, v1_tensor_request, v2_binary_request
+
+KINDS = ("encode", "sample?n=1", "healthz", "bulk encode", "tensor", "bulk tensor", "v2")
+
+
+def loads(port: int, checkpoint: Path, bulk: int) -> dict[str, bytes]:
+    """Every load's request for the server on `port`, at the checkpoint's input size."""
+    c, h, w = json.loads((checkpoint / "model_card.json").read_text())["input"]["shape"]
+    png, pixels = loadgen.digit_png((w, h), c), loadgen.digit_pixels((w, h), c)
+    many = pixels[None].repeat(bulk, axis=0)
+    return requests_for("ours", port, png, bulk) | {
+        "tensor": v1_tensor_request(port, pixels[None], checkpoint.name),
+        "bulk tensor": v1_tensor_request(port, many, checkpoint.name),
+        "v2": v2_binary_request(port, pixels[None], checkpoint.name),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("load", choices=KINDS)
+    p.add_argument("clients", type=int)
+    p.add_argument("builds", nargs="+", metavar="NAME=DIR", help="source trees to compare, the first the reference")
+    p.add_argument("--checkpoint", default="checkpoints/mnist-fast", help="checkpoint directory every build serves")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=4.0, help="measured seconds per server per round")
+    p.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each measurement")
+    p.add_argument("--bulk-images", type=int, default=256, help="images per bulk request (and max batch size)")
+    args = p.parse_args(argv)
+    builds = [spec.split("=", 1) for spec in args.builds]
+    if any(len(b) != 2 or not (Path(b[1]) / "service" / "__main__.py").is_file() for b in builds):
+        p.error("each build is NAME=DIR, DIR a vae-serve source tree (with service/__main__.py)")
+    checkpoint = Path(args.checkpoint).resolve()
+    bulk = str(args.bulk_images)
+    servers: dict[str, loadgen.Server] = {}
+    requests: dict[str, bytes] = {}
+    results: dict[str, list[loadgen.Result]] = {name: [] for name, _ in builds}
+    try:
+        for name, directory in builds:
+            src, port = Path(directory).resolve(), loadgen.free_port()
+            flags = ("--max-images-per-request", bulk, "--max-batch-size", bulk)
+            command = loadgen.service_command(str(checkpoint), port, *flags, grpc_off=has_grpc_flag(src))
+            servers[name] = loadgen.Server(name, command, port, "/readyz", env={"PYTHONPATH": str(src)}, cwd=src)
+            requests[name] = loads(port, checkpoint, args.bulk_images)[args.load]
+        for round_ in range(args.rounds):
+            order = list(servers) if round_ % 2 == 0 else list(servers)[::-1]
+            for name in order:
+                port = servers[name].port
+                loadgen.run(port, requests[name], args.clients, 10**9, args.warmup)
+                result = loadgen.run(port, requests[name], args.clients, 10**9, args.seconds)
+                results[name].append(result)
+                print(f"  round {round_ + 1} {name:14s} {result.rps:8.0f} req/s  p50 {result.percentile(50):.2f} ms")
+    finally:
+        for server in servers.values():
+            server.stop()
+    reference = statistics.median(r.rps for r in results[builds[0][0]])
+    rows = []
+    for name, _ in builds:
+        rps = statistics.median(r.rps for r in results[name])
+        p50 = statistics.median(r.percentile(50) for r in results[name])
+        rows.append([name, f"{rps:,.0f}", f"{p50:.2f}", f"{rps / reference:.3f}"])
+    print(
+        f"\n{args.load} at {args.clients} client(s), {args.rounds} rounds of {args.seconds:g} s, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {loadgen.machine()}\n"
+    )
+    print(loadgen.table(["build", "req/s (median)", "p50 ms (median)", f"ratio to {builds[0][0]}"], rows))
+
+
+if __name__ == "__main__":
+    main()
