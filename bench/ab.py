@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
+import sys
 from pathlib import Path
 
-from bench import loadgen
-from bench.serving import has_grpc_flag, requests_for, v1_tensor_request, v2_binary_request
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import loadgen  # noqa: E402
+from bench.serving import has_grpc_flag, requests_for, v1_tensor_request, v2_binary_request  # noqa: E402
 
 KINDS = ("encode", "sample?n=1", "healthz", "bulk encode", "tensor", "bulk tensor", "v2")
 
@@ -84,8 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         p50 = statistics.median(r.percentile(50) for r in results[name])
         rows.append([name, f"{rps:,.0f}", f"{p50:.2f}", f"{rps / reference:.3f}"])
     print(
-        f"\n{args.load} at {args.clients} client(s), {args.rounds} rounds of {args.seconds:g} s, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {loadgen.machine()}\n"
+        f"\n{args.load} at {args.clients} client(s), {args.rounds} rounds of {args.seconds:g} s; {loadgen.machine()}\n"
     )
     print(loadgen.table(["build", "req/s (median)", "p50 ms (median)", f"ratio to {builds[0][0]}"], rows))
 
