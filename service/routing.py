@@ -9,14 +9,15 @@ bookkeeping. Measured on `/v1/encode` at 64 clients (docs/benchmarks.md, section
 cost 22 % of the requests per second, FastAPI's handler around an endpoint without them a further 8 %.
 
 So `get_route_handler` (FastAPI's documented hook for custom route classes) returns, for those endpoints, a handler
-that awaits each app-state getter with the request and then the endpoint. Anything else (a path, query, header or
-body parameter, any other dependency, a dependency override set on the app, as tests do) goes through FastAPI's own
-handler, unchanged, and so does every endpoint not annotated to return a Response.
+that awaits each app-state getter with the request and then the endpoint (plain string path and query values are
+read as FastAPI reads them). Anything else (another path or query parameter, a header or body parameter, any other
+dependency, a dependency override set on the app, as tests do) goes through FastAPI's own handler, unchanged, and so
+does every endpoint not annotated to return a Response.
 
 One limit: dependencies given to `include_router` or to the app apply to a route through an "effective route" that
-FastAPI builds privately, which a public route class cannot see. So main.py includes routers with LeanRoutes without
-any, and `check_lean_inclusion` refuses an app with app-wide dependencies. A router's own `dependencies=` are part
-of each route's dependant and simply send it to FastAPI's handler.
+FastAPI builds privately, which a public route class cannot see. So main.py adds (`add_routes`) the routers with
+LeanRoutes rather than including them, and `check_lean_inclusion` refuses an app with app-wide dependencies. A
+router's own `dependencies=` are part of each route's dependant and simply send it to FastAPI's handler.
 """
 
 from __future__ import annotations
@@ -113,12 +114,10 @@ def add_routes(app: FastAPI, router: APIRouter) -> None:
     """The router's routes as the app's own, matched by the app's router directly, first to last.
 
     `include_router` (FastAPI 0.165) adds a router as one object that matches a request against each route it holds
-    twice (`matches`, then `handle`), in Python, and every request that is not its own pays for that too: measured
-    on 2 cores, /healthz served 1.98x and /v1/encode 1.10x the requests per second as the app's own routes
-    (docs/benchmarks.md, section 0000). Only for routers without `dependencies` of their own (which this version
-    applies at inclusion): their routes already carry their prefix, tags and route class."""
-    if router.dependencies:
-        raise ValueError("a router with dependencies must be included (app.include_router), not added")
+    twice (`matches`, then `handle`), in Python, and every request that is not the router's pays for that too:
+    measured on 2 cores, /healthz served 1.98x and /v1/encode 1.10x the requests per second as the app's own routes
+    (docs/benchmarks.md, section 0000). Each route already carries what its router gave it: the prefix, tags,
+    responses, route class and the router's own `dependencies` (tested)."""
     app.router.routes.extend(router.routes)
 
 

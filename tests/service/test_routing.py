@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import httpx
 import pytest
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import PlainTextResponse
 from fastapi.routing import APIRoute
 from service_helpers import assert_error, digit_like, files, png
@@ -141,9 +141,20 @@ def test_added_routers_are_the_apps_own_routes_and_keep_their_declarations(setti
     assert paths["/v1/encode"]["post"]["tags"] == ["vae"] and "/healthz" in paths and "/v2" in paths
 
 
-def test_a_router_with_dependencies_is_not_added() -> None:
-    async def guard() -> None:
-        return None
+async def test_an_added_routers_own_dependencies_still_run() -> None:
+    async def guard(request: Request) -> None:
+        if request.headers.get("x-key") != "k":
+            raise HTTPException(403, "no key")
 
-    with pytest.raises(ValueError, match="must be included"):
-        add_routes(FastAPI(), APIRouter(dependencies=[Depends(guard)]))
+    router = APIRouter(dependencies=[Depends(guard)], route_class=LeanRoute)
+
+    @router.get("/guarded")
+    async def guarded(request: Request, settings: SettingsDep) -> Response:
+        return PlainTextResponse("in")
+
+    app = FastAPI()
+    app.state.settings = Settings(grpc=False)
+    add_routes(app, router)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        assert (await client.get("/guarded")).status_code == 403  # the guard is not a state getter: FastAPI's handler
+        assert (await client.get("/guarded", headers={"x-key": "k"})).text == "in"
