@@ -25,6 +25,7 @@ from fastapi import Response
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from model import preprocess
 from service import media
 from service.schemas import Answer, Format, ImageTensorQuery, TensorQuery
 
@@ -80,30 +81,23 @@ def pixels_of(images: torch.Tensor) -> np.ndarray:
     return pixels
 
 
-def pil_image(pixels: np.ndarray) -> Image.Image:
-    """uint8 (H, W, C) -> an L (one channel) or RGB image."""
-    return Image.fromarray(np.ascontiguousarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels))
+def single_channel_squeezed(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (..., H, W, C) -> (..., H, W) for one channel, else as it is; C-contiguous either way."""
+    return np.ascontiguousarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    return [pil_image(p) for p in pixels_of(images)]
+    """(N, C, H, W) in [0, 1] -> N images, L (one channel) or RGB."""
+    return [Image.fromarray(single_channel_squeezed(p)) for p in pixels_of(images)]
 
 
 def grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> Image.Image:
-    """(N, C, H, W) -> one image, row by row (`nrow` per row; default: a square), on white padding as
+    """(N, C, H, W) -> one image, row by row (`nrow` per row; default: a square) on white padding, as
     model.preprocess.make_grid lays it out. One image comes back as itself, unframed."""
-    pixels = pixels_of(images)
-    n, h, w, c = pixels.shape
-    if n == 1:
-        return pil_image(pixels[0])
-    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
-    rows = math.ceil(n / nrow)
-    canvas = np.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), 255, dtype=np.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        top, left = padding + r * (h + padding), padding + col * (w + padding)
-        canvas[top : top + h, left : left + w] = pixels[i]
-    return pil_image(canvas)
+    if len(images) == 1:
+        return to_pil(images)[0]
+    nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
+    return to_pil(preprocess.make_grid(images, nrow=nrow, padding=padding)[None])[0]
 
 
 async def image_response(image: Image.Image, fmt: str = "png") -> Response:
@@ -141,6 +135,5 @@ def image_array(images: torch.Tensor, options: TensorQuery | None) -> np.ndarray
     if query is not None and query.output_type == "pil":
         return images.numpy()
     if query is not None and query.partial_postprocess:
-        pixels = pixels_of(images)  # the PNGs' pixels: the same bytes
-        return np.ascontiguousarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+        return single_channel_squeezed(pixels_of(images))  # the PNGs' pixels: the same bytes
     return (images * 2.0 - 1.0).numpy()
