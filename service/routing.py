@@ -34,7 +34,8 @@ from service.deps import STATE_GETTERS
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 Getter = Callable[[Request], Awaitable[Any]]
-OPTIONAL_STR: tuple[Any, ...] = (str, str | None, Optional[str])  # noqa: UP045 (the spelling an endpoint may use)
+OPTIONAL_STR: tuple[Any, ...] = (str | None, Optional[str])  # noqa: UP045 (either spelling an endpoint may use)
+PLAIN_STR: tuple[Any, ...] = (str, *OPTIONAL_STR)
 
 
 def lean_values(dependant: Dependant) -> list[tuple[str, Getter]] | None:
@@ -59,11 +60,11 @@ def lean_values(dependant: Dependant) -> list[tuple[str, Getter]] | None:
             return None
         values.append((sub.name, sub.call))
     for field in dependant.path_params:
-        if field.field_info.annotation not in OPTIONAL_STR:
+        if field.field_info.annotation not in PLAIN_STR:
             return None
         values.append((field.name, path_value(field.alias)))
     for field in dependant.query_params:
-        if field.field_info.annotation not in OPTIONAL_STR[1:] or field.field_info.default is not None:
+        if field.field_info.annotation not in OPTIONAL_STR or field.field_info.default is not None:
             return None
         values.append((field.name, query_value(field.alias)))
     return values
@@ -125,4 +126,7 @@ def check_lean_inclusion(app: FastAPI) -> None:
     """Fail when the app is made, not in production, if app-wide dependencies would be skipped by the lean
     handlers (see the module's docstring; main.py includes the routers themselves without any)."""
     if app.router.dependencies:
-        raise RuntimeError("app-wide dependencies would skip LeanRoute's handlers: see service/routing.py")
+        raise RuntimeError(
+            "app-wide dependencies would not apply to the routes add_routes adds, nor to LeanRoute's handlers: "
+            "see service/routing.py"
+        )
