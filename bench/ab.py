@@ -3,7 +3,9 @@
     python bench/ab.py encode 64 before=/tmp/wt-before after=. --rounds 5
 
 Each NAME=DIR is a source tree (a git worktree of another commit, or this one) started as `python -m service` on
-the same checkpoint and flags. Every round drives each server in turn with the same load for --seconds (after
+the same checkpoint and flags, plus any given after `+` (`one=.+--cpu-threads=1`); NAME=plain is the hand-written
+FastAPI app of bench/serving.py instead (bench/peers/plain_fastapi.py, in the peers' environment), for the loads it
+serves (encode, sample?n=1, healthz). Every round drives each server in turn with the same load for --seconds (after
 --warmup unmeasured), reversing the order every other round so that a machine getting faster or slower hits all
 alike; the table gives each build's median req/s and p50, and its ratio to the first build's median. On a shared
 2-core machine a change under ~5 % needs more rounds than that to tell from noise (docs/benchmarks.md, 0000).
@@ -23,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import loadgen  # noqa: E402
-from bench.serving import has_grpc_flag, requests_for, v1_tensor_request, v2_binary_request  # noqa: E402
+from bench.serving import has_grpc_flag, requests_for, server_command, v1_tensor_request, v2_binary_request  # noqa: E402
 
 KINDS = ("encode", "sample?n=1", "healthz", "bulk encode", "tensor", "bulk tensor", "v2")
 
@@ -46,7 +48,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("load", choices=KINDS)
     p.add_argument("clients", type=int)
-    p.add_argument("builds", nargs="+", metavar="NAME=DIR", help="source trees to compare, the first the reference")
+    p.add_argument(
+        "builds",
+        nargs="+",
+        metavar="NAME=DIR[+FLAG...]",
+        help="source trees to compare, the first the reference; each may add its own server flags after +, "
+        "e.g. one=.+--cpu-threads=1",
+    )
     p.add_argument("--checkpoint", default="checkpoints/mnist-fast", help="checkpoint directory every build serves")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=4.0, help="measured seconds per server per round")
@@ -54,17 +62,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bulk-images", type=int, default=256, help="images per bulk request (and max batch size)")
     args = p.parse_args(argv)
     builds = [spec.split("=", 1) for spec in args.builds]
-    if any(len(b) != 2 or not (Path(b[1]) / "service" / "__main__.py").is_file() for b in builds):
-        p.error("each build is NAME=DIR, DIR a vae-serve source tree (with service/__main__.py)")
+    if any(
+        len(b) != 2 or not (b[1] == "plain" or (Path(b[1].split("+")[0]) / "service" / "__main__.py").is_file())
+        for b in builds
+    ):
+        p.error("each build is NAME=plain or NAME=DIR[+FLAG...], DIR a vae-serve source tree (service/__main__.py)")
+    if any(b[1] == "plain" for b in builds) and args.load not in ("encode", "sample?n=1", "healthz"):
+        p.error("the plain app serves encode, sample?n=1 and healthz only")
     checkpoint = Path(args.checkpoint).resolve()
     bulk = str(args.bulk_images)
     servers: dict[str, loadgen.Server] = {}
     requests: dict[str, bytes] = {}
     results: dict[str, list[loadgen.Result]] = {name: [] for name, _ in builds}
     try:
-        for name, directory in builds:
-            src, port = Path(directory).resolve(), loadgen.free_port()
-            flags = ("--max-images-per-request", bulk, "--max-batch-size", bulk)
+        for name, spec in builds:
+            port = loadgen.free_port()
+            if spec == "plain":
+                peer = argparse.Namespace(checkpoint=checkpoint, threads=None, litserve_batch_timeout=None)
+                command, env, cwd = server_command("plain", peer, port)
+                servers[name] = loadgen.Server(name, command, port, "/healthz", env=env, cwd=cwd)
+                requests[name] = loads(port, checkpoint, args.bulk_images)[args.load]
+                continue
+            directory, *extra = spec.split("+")
+            src = Path(directory).resolve()
+            flags = ("--max-images-per-request", bulk, "--max-batch-size", bulk, *extra)
             command = loadgen.service_command(str(checkpoint), port, *flags, grpc_off=has_grpc_flag(src))
             servers[name] = loadgen.Server(name, command, port, "/readyz", env={"PYTHONPATH": str(src)}, cwd=src)
             requests[name] = loads(port, checkpoint, args.bulk_images)[args.load]

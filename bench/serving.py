@@ -22,6 +22,11 @@ The peers run in their own environment, .bench-venv/ (torch==2.13.0 first, then 
 made on first use. Every run is bounded by --duration seconds and --requests answers. Prints one table (medians
 over --repeat runs) and the issue's targets computed from it. "server CPU" is the CPU time of the server's whole
 process tree per answered request: the least noisy figure on a busy machine.
+
+The in-process limits (bench/inprocess.py's bulk rows: the same work with no HTTP) are measured in each repeat just
+before its bulk cells, one run of --duration seconds each, and reported as medians over the repeats like every
+cell: on a machine whose speed drifts by tens of percent within minutes, a limit taken once at the start (best of
+three 0.3-s rounds, as before 2026-12-03) and a served median from later compared two different machines.
 """
 
 from __future__ import annotations
@@ -248,8 +253,14 @@ def runs_on(scenario: str, server: str) -> bool:
     return not is_bulk(scenario) or server.startswith("ours")
 
 
-def run_all(args: argparse.Namespace, png: bytes, pixels: Any) -> dict[tuple[str, int, str], Cell]:
+def run_all(
+    args: argparse.Namespace, png: bytes, pixels: Any, limits: Callable[[], dict[str, float]] | None = None
+) -> tuple[dict[tuple[str, int, str], Cell], dict[str, list[float]]]:
+    """Every cell of plan(args) on every server it runs on, --repeat times; and the in-process limits beside them:
+    `limits()` (images/s by name) runs once per repeat, just before that repeat's bulk cells, so that each served
+    bulk figure and its limit are measured minutes apart at most, and both are medians over the repeats."""
     cells: dict[tuple[str, int, str], Cell] = defaultdict(Cell)
+    limit_runs: dict[str, list[float]] = defaultdict(list)
     servers: dict[str, loadgen.Server] = {}
     loads: dict[str, dict[str, bytes]] = {}
     try:
@@ -263,7 +274,13 @@ def run_all(args: argparse.Namespace, png: bytes, pixels: Any) -> dict[tuple[str
             if name in BINARY_SERVERS:
                 loads[name] |= binary_requests(port, pixels, args.bulk_images, Path(args.checkpoint).resolve().name)
         for repeat in range(args.repeat):
+            measured = False
             for scenario, clients in plan(args):
+                if limits is not None and is_bulk(scenario) and not measured:
+                    for what, images_per_s in limits().items():
+                        limit_runs[what].append(images_per_s)
+                        print(f"  [{repeat + 1}/{args.repeat}] in-process limit, {what}: {images_per_s:,.0f} images/s")
+                    measured = True
                 for name, server in servers.items():
                     if not runs_on(scenario, name):
                         continue
@@ -281,7 +298,7 @@ def run_all(args: argparse.Namespace, png: bytes, pixels: Any) -> dict[tuple[str
     finally:
         for server in servers.values():
             server.stop()
-    return cells
+    return cells, limit_runs
 
 
 # -- the report --------------------------------------------------------------------------------------------------------
@@ -441,35 +458,29 @@ def main(argv: list[str] | None = None) -> None:
     predictor = inprocess.load_predictor(args.checkpoint, args.device, args.threads)
     c, h, w = predictor.input_shape
     png, pixels = loadgen.digit_png((w, h), c), loadgen.digit_pixels((w, h), c)
-    limit = inprocess.bulk_limit(predictor, png, args.bulk_images) if args.bulk_clients else None
-    tensor_limit = None
-    if args.bulk_clients and args.binary:
-        tensor_limit = inprocess.bulk_tensor_limit(predictor, pixels, args.bulk_images)
-    del predictor
+    png_label = f"bulk encode of {args.bulk_images} PNGs (decode + one forward)"
+    tensor_label = f"bulk encode of a ({args.bulk_images}, {c}, {h}, {w}) uint8 tensor (bytes -> input + one forward)"
+
+    def limits() -> dict[str, float]:
+        """Each in-process limit as one run of --duration seconds: the statistic of a served cell."""
+        runs = {png_label: inprocess.bulk_limit(predictor, png, args.bulk_images, args.duration, rounds=1)}
+        if args.binary:
+            runs[tensor_label] = inprocess.bulk_tensor_limit(predictor, pixels, args.bulk_images, args.duration, 1)
+        return {label: timing.images_per_s for label, timing in runs.items()}
+
     started = time.monotonic()
-    cells = run_all(args, png, pixels)
+    cells, limit_runs = run_all(args, png, pixels, limits if args.bulk_clients else None)
     print(
         f"\n{Path(args.checkpoint).resolve().name}, {len(png)}-byte PNG, torch threads "
         f"{args.threads or 'default'}, {args.duration:g} s per run, {args.repeat} repeat(s), "
         f"{time.monotonic() - started:.0f} s in all; {loadgen.machine()}\n"
     )
     print(report(cells, args.bulk_images))
-    if limit is not None:
-        print(
-            f"\nin-process limit, bulk encode of {limit.batch} PNGs (decode + one forward): "
-            f"{limit.images_per_s:,.0f} images/s"
-        )
-    if tensor_limit is not None:
-        print(
-            f"in-process limit, bulk encode of a ({tensor_limit.batch}, {c}, {h}, {w}) uint8 tensor (bytes -> input "
-            f"+ one forward): {tensor_limit.images_per_s:,.0f} images/s"
-        )
-    found = targets(
-        cells,
-        limit.images_per_s if limit else None,
-        args.bulk_images,
-        tensor_limit.images_per_s if tensor_limit else None,
-    )
+    limit = {label: loadgen.median(runs) for label, runs in limit_runs.items()}
+    for label, runs in limit_runs.items():
+        each = ", ".join(f"{r:,.0f}" for r in runs)
+        print(f"\nin-process limit, {label}: {limit[label]:,.0f} images/s (median of {len(runs)} runs: {each})")
+    found = targets(cells, limit.get(png_label), args.bulk_images, limit.get(tensor_label))
     print("\n" + "\n".join(f"- {line}" for line in found))
 
 

@@ -3,7 +3,13 @@
 The worker takes whatever is queued the moment the previous forward finishes (up to max_batch_size images), so an
 idle model answers a lone request at once and batches form from what arrives while a forward runs. With
 max_wait_ms > 0 it also waits that long for a batch to fill. Forward passes run in a ThreadPoolExecutor(1) shared
-by the models on one device, never on the event loop.
+by the models on one device.
+
+One exception, for latency: with `inline_max_images` > 0, a request of that many images or fewer that finds the
+batcher idle (nothing queued, no forward running) and is alone in the server (`alone()`) runs its forward on the
+event loop itself. A lone request has nothing to batch with, and the two hand-offs to and from the worker thread
+cost about as much as a small forward on this kind of CPU (docs/benchmarks.md, "One request alone"). A request
+arriving meanwhile waits at most that one small forward, as it would behind a batch.
 """
 
 from __future__ import annotations
@@ -72,6 +78,8 @@ class MicroBatcher:
         queue_size: int,
         batching: bool = True,
         observer: BatchObserver | None = None,
+        inline_max_images: int = 0,
+        alone: Callable[[], bool] = lambda: False,
     ) -> None:
         self.name = name
         self._forward = forward
@@ -82,6 +90,9 @@ class MicroBatcher:
         self._queue_size = queue_size
         self._batching = batching
         self._observer = observer or BatchObserver()
+        self._inline_max = inline_max_images
+        self._alone = alone
+        self._forwarding = False  # a batch is in the worker thread
         self._queue: deque[Item] = deque()
         self._queued = 0  # images waiting
         self._wakeup = asyncio.Event()
@@ -91,6 +102,7 @@ class MicroBatcher:
     # -- lifecycle ---------------------------------------------------------------------------------------------------
     def start(self) -> None:
         self._stopping = False
+        self._observer.queue_depth(self.name, self._queued)  # the gauge exists before anything queues (or ever does)
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
 
     async def stop(self) -> None:
@@ -129,6 +141,10 @@ class MicroBatcher:
             raise ModelNotReady(f"model {self.name!r} is not ready")
         n = next(iter(inputs.values())).shape[0]
         mergeable = op in self._mergeable
+        if mergeable and n <= self._inline_max and self._idle():
+            await asyncio.sleep(0)  # requests that arrived with this one start first, and are seen by alone()
+            if self._idle() and self._alone():
+                return self._forward_inline(op, inputs, arg, n)
         if mergeable and n > self._max_batch:
             chunks = [{k: v[i : i + self._max_batch] for k, v in inputs.items()} for i in range(0, n, self._max_batch)]
         else:
@@ -196,6 +212,20 @@ class MicroBatcher:
         parts: list[Tensors] = result
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
+    def _idle(self) -> bool:
+        return not self._queue and not self._forwarding and self._task is not None and not self._stopping
+
+    def _forward_inline(self, op: str, inputs: Tensors, arg: Any, n: int) -> Tensors:
+        """A lone small request's forward, on the event loop (see the module's docstring); errors as _execute's."""
+        started = time.perf_counter()
+        try:
+            out = self._forward(op, inputs, arg)
+        except Exception as e:
+            logger.error("forward %s for model %r failed: %s: %s", op, self.name, type(e).__name__, e)
+            raise
+        self._observer.batch(self.name, op, n, time.perf_counter() - started)
+        return out
+
     @staticmethod
     def _withdraw(futures: list[asyncio.Future[Tensors]]) -> None:
         for f in futures:
@@ -249,6 +279,7 @@ class MicroBatcher:
             calls: dict[Hashable, list[Item]] = {}
             for item in live:
                 calls.setdefault(item.group, []).append(item)
+            self._forwarding = True
             try:
                 results = await loop.run_in_executor(self._executor, self._execute, list(calls.values()))
             except asyncio.CancelledError:
@@ -259,6 +290,8 @@ class MicroBatcher:
             except Exception as e:  # the executor itself failed (e.g. shut down)
                 logger.error("batch for model %r could not run: %s", self.name, e)
                 results = [e] * len(calls)
+            finally:
+                self._forwarding = False
             for items, result in zip(calls.values(), results, strict=True):
                 if isinstance(result, BaseException):
                     for item in items:

@@ -412,6 +412,10 @@ class ModelRegistry:
         served.in_flight += 1
         return served
 
+    def requests_in_flight(self) -> int:
+        """Requests holding any version of any model (acquired, not yet released)."""
+        return sum(served.in_flight for state in self.states.values() for served in state.versions.values())
+
     def get(self, name: str | None) -> ServedModel:
         """The version `name` resolves to now, to describe it (not held: never submit work to it)."""
         served = self._routes.get(name or self.default or "")
@@ -615,7 +619,8 @@ class ModelRegistry:
         batcher: all before any request can reach it."""
         s = self.settings
         executor = self._executors.get(str(self._device))
-        if executor is None:  # one worker thread per device: its forwards are serialised, never on the event loop
+        if executor is None:  # one worker thread per device: its forwards are serialised (a lone small request's
+            # forward may run on the event loop instead: MicroBatcher's inline_max_images)
             executor = self._executors[str(self._device)] = ThreadPoolExecutor(
                 1, thread_name_prefix=f"vae-forward-{self._device}"
             )
@@ -652,6 +657,8 @@ class ModelRegistry:
             queue_size=s.queue_size,
             batching=s.batching,
             observer=self.observer,
+            inline_max_images=s.inline_max_images if self._device.type == "cpu" else 0,
+            alone=lambda: self.requests_in_flight() <= 1,
         )
         batcher.start()
         cfg = predictor.config

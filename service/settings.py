@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     batching: bool = Field(True, description="merge concurrent requests into one forward pass per model")
     max_batch_size: int = Field(64, ge=1, description="most images in one forward pass")
     max_wait_ms: float = Field(0.0, ge=0, description="extra wait for a batch to fill; 0: never wait when idle")
+    inline_max_images: int = Field(
+        8,
+        ge=0,
+        description="on CPU, a request of at most this many images that is alone in the server and finds the model "
+        "idle runs its forward on the event loop, skipping the hand-offs to the worker thread; 0: never",
+    )
     queue_size: int = Field(1024, ge=1, description="most images waiting per model; beyond it requests get 503")
     request_timeout_s: float = Field(30.0, gt=0, description="a request not answered within this gets 504")
     retry_after_s: int = Field(1, ge=0, description="Retry-After header sent with 503 when overloaded")

@@ -255,3 +255,22 @@ def test_ab_builds_the_same_loads_at_the_checkpoints_size(tiny_checkpoint: Path)
     assert len(loads["tensor"].split(b"\r\n\r\n", 1)[1]) == 64
     with pytest.raises(SystemExit):
         ab.main(["encode", "1", "x=/nonexistent"])
+    with pytest.raises(SystemExit):
+        ab.main(["encode", "1", "x=/nonexistent+--cpu-threads=1"])  # flags after + still need a source tree
+    with pytest.raises(SystemExit):
+        ab.main(["bulk encode", "1", "p=plain"])  # the hand-written app serves encode, sample and healthz only
+
+
+@pytest.mark.e2e
+def test_serving_measures_the_limits_beside_each_repeat(tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]):
+    """The in-process limits run once per repeat, before its bulk cells, and the targets use their medians."""
+    serving.main(
+        ["--checkpoint", str(tiny_checkpoint), "--servers", "ours", "--clients", "1", "--bulk-clients", "1"]
+        + ["--binary", "v1 tensor", "--binary-clients", "--bulk-images", "4", "--duration", "0.2", "--repeat", "2"]
+    )
+    out = capsys.readouterr().out
+    for repeat in ("[1/2]", "[2/2]"):
+        assert out.count(f"{repeat} in-process limit") == 2, out  # PNG and uint8 tensor, in each repeat
+    assert out.index("[1/2] in-process limit") < out.index("[1/2] bulk encode") < out.index("[2/2] in-process limit")
+    assert out.count("images/s (median of 2 runs: ") == 2
+    assert "of the uint8 tensor in-process limit" in out and "| bulk encode v1 tensor | 1 | ours |" in out

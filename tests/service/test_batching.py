@@ -13,7 +13,7 @@ import torch
 from service_helpers import as_tensor, assert_error, b64, digit_like, files, png, serve
 
 from model import losses
-from service.batching import MicroBatcher
+from service.batching import BatchObserver, MicroBatcher
 from service.errors import ClientDisconnected, InferenceTimeout, ModelNotReady, Overloaded
 
 pytestmark = pytest.mark.anyio
@@ -259,6 +259,58 @@ async def test_stop_fails_queued_work_and_refuses_new_work(executor) -> None:
         await batcher.submit("encode", rows(2), timeout=1)
 
 
+# -- a lone small request on the event loop (inline_max_images) --------------------------------------------------------
+class Observer(BatchObserver):
+    def __init__(self) -> None:
+        self.batches: list[tuple[str, int]] = []
+
+    def batch(self, model: str, op: str, size: int, seconds: float) -> None:
+        self.batches.append((op, size))
+
+
+async def test_a_lone_small_request_runs_on_the_event_loop_when_asked(executor) -> None:
+    forward, observer = Forward(), Observer()
+    alone = [True]
+    batcher = make(forward, executor, inline_max_images=2, alone=lambda: alone[0], observer=observer)
+    loop_thread = threading.current_thread().name
+    try:
+        small = await batcher.submit("encode", rows(0, 2), timeout=10)
+        large = await batcher.submit("encode", rows(2, 3), timeout=10)  # more than inline_max_images
+        unmergeable = await batcher.submit("score", rows(5), timeout=10)  # its cost is not its image count
+        alone[0] = False
+        company = await batcher.submit("encode", rows(6), timeout=10)  # another request in the server
+    finally:
+        await batcher.stop()
+    threads = [name for _, _, name in forward.calls]
+    assert threads[0] == loop_thread
+    assert all(name.startswith("test-forward") for name in threads[1:])
+    assert small["y"].flatten().tolist() == [0.0, 2.0] and company["y"].flatten().tolist() == [12.0]
+    assert large["y"].flatten().tolist() == [4.0, 6.0, 8.0] and unmergeable["y"].flatten().tolist() == [10.0]
+    assert observer.batches == [("encode", 2), ("encode", 3), ("score", 1), ("encode", 1)]  # all in the metrics
+
+
+async def test_a_lone_request_queues_behind_a_running_forward_and_its_errors_reach_it(executor) -> None:
+    gate = threading.Event()
+    forward = Forward(gate, fail_op="decode")
+    batcher = make(forward, executor, inline_max_images=8, alone=lambda: True)
+    try:
+        first = asyncio.ensure_future(batcher.submit("encode", rows(0, 9), timeout=10))  # too big: the worker
+        await until(lambda: len(forward.calls) == 1)
+        second = asyncio.ensure_future(batcher.submit("encode", rows(9), timeout=10))  # the worker is busy: queued
+        await until(lambda: batcher.queued_images == 1)
+        gate.set()
+        await asyncio.gather(first, second)
+        with pytest.raises(ValueError, match="forward failed"):
+            await batcher.submit("decode", rows(10), timeout=10)  # inline, failing: raised to its caller alone
+        after = await batcher.submit("encode", rows(11), timeout=10)
+    finally:
+        gate.set()
+        await batcher.stop()
+    assert [(op, n) for op, n, _ in forward.calls] == [("encode", 9), ("encode", 1), ("decode", 1), ("encode", 1)]
+    assert forward.calls[1][2].startswith("test-forward") and not forward.calls[2][2].startswith("test-forward")
+    assert after["y"].flatten().tolist() == [22.0]
+
+
 # -- through the app --------------------------------------------------------------------------------------------------
 class Spy:
     """Wraps a batcher's forward: counts calls and batch sizes; optionally holds the first call at a gate."""
@@ -266,19 +318,39 @@ class Spy:
     def __init__(self, forward, gate: threading.Event | None = None) -> None:
         self.forward, self.gate = forward, gate
         self.sizes: list[tuple[str, int]] = []
+        self.threads: list[str] = []
 
     def __call__(self, op, inputs, arg):
         self.sizes.append((op, len(next(iter(inputs.values())))))
+        self.threads.append(threading.current_thread().name)
         if self.gate is not None and len(self.sizes) == 1:
             assert self.gate.wait(10)
         return self.forward(op, inputs, arg)
 
 
 def spy_on(app, gate: threading.Event | None = None, model: str = "tiny") -> tuple[Spy, MicroBatcher]:
+    """A spy on `model`'s forward. With a gate, lone requests no longer run on the event loop (inline_max_images):
+    a forward held at a gate there would hold the whole server."""
     batcher = app.state.registry.models[model].batcher
     spy = Spy(batcher._forward, gate)
     batcher._forward = spy
+    if gate is not None:
+        batcher._inline_max = 0
     return spy, batcher
+
+
+@pytest.mark.parametrize("inline_max_images", [8, 0])
+async def test_a_lone_request_runs_on_the_event_loop_unless_turned_off(settings_for, inline_max_images) -> None:
+    async with serve(settings_for(inline_max_images=inline_max_images)) as (app, client):
+        spy, _ = spy_on(app)
+        loop_thread = threading.current_thread().name
+        single = await client.post("/v1/decode", json={"latents": [[0.5, -0.5]]})
+        many = await client.post("/v1/decode", json={"latents": [[0.5, -0.5]] * 9})  # over inline_max_images
+    assert single.status_code == many.status_code == 200
+    assert single.json()["images"][0] == many.json()["images"][8]  # the same answer either way
+    on_loop = [name == loop_thread for name in spy.threads]
+    assert on_loop == ([True, False] if inline_max_images else [False, False])
+    assert spy.sizes == [("decode", 1), ("decode", 9)]
 
 
 async def test_concurrent_requests_share_forward_passes(served, tiny_model) -> None:

@@ -283,6 +283,7 @@ async def test_unload_lets_queued_work_finish_then_answers_404_until_loaded_agai
         registry = app.state.registry
         batcher = registry.models["swap"].batcher
         gate = batcher._forward = Gate(batcher._forward)
+        batcher._inline_max = 0  # held at the gate on the worker thread, not on the event loop (inline_max_images)
         latents = [seeded_latents(10 + i) for i in range(4)]
         queued = [asyncio.ensure_future(decode(client, "swap", latents[0]))]
         await gate.wait_entered()  # one in the forward, the rest queued behind it

@@ -88,6 +88,7 @@ async def test_shutdown_lets_calls_in_flight_finish_and_refuses_new_ones(setting
         return forward(op, inputs, arg)
 
     batcher._forward = gated
+    batcher._inline_max = 0  # held at the gate on the worker thread, not on the event loop (inline_max_images)
     url = f"127.0.0.1:{app.state.grpc_port}"
     async with aioclient.InferenceServerClient(url) as client, aioclient.InferenceServerClient(url) as late:
         assert await late.is_server_live()
