@@ -89,6 +89,32 @@ def extensions(settings: Settings) -> list[str]:
     return EXTENSIONS + (["model_repository"] if settings.admin_key is not None else [])
 
 
+# Inference first: routes are matched in order, and it is the one route here on the hot path (the paths of the
+# others never match an .../infer path). Decorators apply bottom-up: the unversioned path is matched first.
+@router.post("/models/{model_name}/versions/{model_version}/infer", responses=INFER_RESPONSES, openapi_extra=INFER_BODY)
+@router.post("/models/{model_name}/infer", responses=INFER_RESPONSES, openapi_extra=INFER_BODY)
+async def model_infer(
+    model_name: str, request: Request, settings: SettingsDep, registry: RegistryDep, model_version: str | None = None
+) -> Response:
+    """Run the model: JSON tensors, or binary ones (the binary tensor data extension), both ways."""
+    catalog.lookup(registry, model_name, model_version)  # an unknown model or version: 404 before the body is read
+    body = await codec.read(request, settings)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    decoded, result = await inference.answer(  # the version named, held: the body checked against it, then computed
+        registry,
+        model_name,
+        model_version,
+        lambda model: codec.parse(request, body, model, settings),
+        settings,
+        cancel_on=disconnected,
+    )
+    return codec.render(result, decoded)  # JSON, or JSON and binary outputs, naming the version that computed them
+
+
 @router.get("", responses=V2_ERRORS)
 async def server_metadata(settings: SettingsDep) -> dict[str, Any]:
     """The server's name, version and protocol extensions."""
@@ -123,30 +149,6 @@ async def model_ready(model_name: str, registry: RegistryDep, model_version: str
     except ModelNotReady:
         return JSONResponse({"name": model_name, "ready": False}, status_code=503)
     return JSONResponse({"name": model.name, "ready": True})
-
-
-@router.post("/models/{model_name}/infer", responses=INFER_RESPONSES, openapi_extra=INFER_BODY)
-@router.post("/models/{model_name}/versions/{model_version}/infer", responses=INFER_RESPONSES, openapi_extra=INFER_BODY)
-async def model_infer(
-    model_name: str, request: Request, settings: SettingsDep, registry: RegistryDep, model_version: str | None = None
-) -> Response:
-    """Run the model: JSON tensors, or binary ones (the binary tensor data extension), both ways."""
-    catalog.lookup(registry, model_name, model_version)  # an unknown model or version: 404 before the body is read
-    body = await codec.read(request, settings)
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    decoded, result = await inference.answer(  # the version named, held: the body checked against it, then computed
-        registry,
-        model_name,
-        model_version,
-        lambda model: codec.parse(request, body, model, settings),
-        settings,
-        cancel_on=disconnected,
-    )
-    return codec.render(result, decoded)  # JSON, or JSON and binary outputs, naming the version that computed them
 
 
 # -- the model repository extension ---------------------------------------------------------------------------------
