@@ -7,9 +7,9 @@ by the models on one device.
 
 One exception, for latency: with `inline_max_images` > 0, a request of that many images or fewer that finds the
 batcher idle (nothing queued, no forward running) and is alone in the server (`alone()`) runs its forward on the
-event loop itself. A lone request has nothing to batch with, and the two hand-offs to and from the worker thread
-cost about as much as a small forward on this kind of CPU (docs/benchmarks.md, "One request alone"). A request
-arriving meanwhile waits at most that one small forward, as it would behind a batch.
+event loop itself. A lone request has nothing to batch with; the two hand-offs to and from the worker thread cost
+time and keep torch's OpenMP helper thread spinning (one-client encode p50 1.16 -> 0.98 ms on 2 cores; section 00000
+of docs/benchmarks.md). A request arriving meanwhile waits at most that one small forward, as it would behind a batch.
 """
 
 from __future__ import annotations
