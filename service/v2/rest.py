@@ -23,7 +23,9 @@ from service.settings import Settings
 from service.v2 import catalog, codec, inference, repository
 from service.v2.codec import HEADER, V2Error
 
-router = APIRouter(prefix="/v2", tags=["v2"], route_class=LeanRoute)
+router = APIRouter(prefix="/v2", tags=["v2"], route_class=LeanRoute)  # health and metadata
+# Inference on its own router: the app matches it right after the probes (service/main.py), before /v1's verbs.
+infer_router = APIRouter(prefix="/v2", tags=["v2"], route_class=LeanRoute)
 repository_router = APIRouter(
     prefix="/v2/repository", tags=["v2 repository"], dependencies=[Depends(require_admin)]
 )  # 404 for every call unless the settings hold an admin key
@@ -89,10 +91,11 @@ def extensions(settings: Settings) -> list[str]:
     return EXTENSIONS + (["model_repository"] if settings.admin_key is not None else [])
 
 
-# Inference first: routes are matched in order, and it is the one route here on the hot path (the paths of the
-# others never match an .../infer path). Decorators apply bottom-up: the unversioned path is matched first.
-@router.post("/models/{model_name}/versions/{model_version}/infer", responses=INFER_RESPONSES, openapi_extra=INFER_BODY)
-@router.post("/models/{model_name}/infer", responses=INFER_RESPONSES, openapi_extra=INFER_BODY)
+# Decorators apply bottom-up: the unversioned path, the common one, is matched first.
+@infer_router.post(
+    "/models/{model_name}/versions/{model_version}/infer", responses=INFER_RESPONSES, openapi_extra=INFER_BODY
+)
+@infer_router.post("/models/{model_name}/infer", responses=INFER_RESPONSES, openapi_extra=INFER_BODY)
 async def model_infer(
     model_name: str, request: Request, settings: SettingsDep, registry: RegistryDep, model_version: str | None = None
 ) -> Response:

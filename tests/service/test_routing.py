@@ -26,7 +26,7 @@ def test_every_model_verb_v2_infer_and_the_probes_take_the_lean_handler(settings
     create_app(settings_for())  # includes the routers: its check passes
     routes = [r for r in vae.router.routes if isinstance(r, APIRoute)]
     assert {r.path for r in routes} >= {"/v1/encode", "/v1/decode", "/v1/sample", "/v1/reconstruct", "/v1/score"}
-    routes += [r for r in v2.router.routes if isinstance(r, APIRoute) and r.path.endswith("/infer")]
+    routes += [r for r in v2.infer_router.routes if isinstance(r, APIRoute) and r.path.endswith("/infer")]
     routes += [r for r in health.router.routes if isinstance(r, APIRoute)]
     assert len(routes) >= 11
     for route in routes:
@@ -158,3 +158,10 @@ async def test_an_added_routers_own_dependencies_still_run() -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         assert (await client.get("/guarded")).status_code == 403  # the guard is not a state getter: FastAPI's handler
         assert (await client.get("/guarded", headers={"x-key": "k"})).text == "in"
+
+
+def test_v2_inference_is_matched_before_the_v1_verbs_and_the_docs_keep_their_order(settings_for: Any) -> None:
+    app = create_app(settings_for())
+    paths = [getattr(r, "path", None) for r in app.router.routes]
+    assert paths.index("/v2/models/{model_name}/infer") < paths.index("/v1/encode") < paths.index("/v2")
+    assert [t["name"] for t in app.openapi()["tags"]][:2] == ["health", "vae"]  # Swagger UI's sections, v1 first
