@@ -216,14 +216,14 @@ class MicroBatcher:
         return not self._queue and not self._forwarding and self._task is not None and not self._stopping
 
     def _forward_inline(self, op: str, inputs: Tensors, arg: Any, n: int) -> Tensors:
-        """A lone small request's forward, on the event loop (see the module's docstring); errors as _execute's."""
-        started = time.perf_counter()
-        try:
-            out = self._forward(op, inputs, arg)
-        except Exception as e:
-            logger.error("forward %s for model %r failed: %s: %s", op, self.name, type(e).__name__, e)
-            raise
-        self._observer.batch(self.name, op, n, time.perf_counter() - started)
+        """A lone small request's forward, on the event loop (see the module's docstring): the worker's own
+        _execute, for one item, so that it is timed, counted and logged as every batch is."""
+        item = Item(op, inputs, arg, n, None, asyncio.get_running_loop().create_future())
+        (result,) = self._execute([[item]])
+        if isinstance(result, BaseException):
+            raise result
+        out = result[0]
+        assert out is not None, "a lone item is never withdrawn while it runs"
         return out
 
     @staticmethod
