@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import loadgen  # noqa: E402
-from bench.serving import has_grpc_flag, requests_for, server_command, v1_tensor_request, v2_binary_request  # noqa: E402
+from bench.serving import requests_for, server_command, v1_tensor_request, v2_binary_request  # noqa: E402
 
 KINDS = ("encode", "sample?n=1", "healthz", "bulk encode", "tensor", "bulk tensor", "v2")
 
@@ -70,24 +70,21 @@ def main(argv: list[str] | None = None) -> None:
     if any(b[1] == "plain" for b in builds) and args.load not in ("encode", "sample?n=1", "healthz"):
         p.error("the plain app serves encode, sample?n=1 and healthz only")
     checkpoint = Path(args.checkpoint).resolve()
-    bulk = str(args.bulk_images)
     servers: dict[str, loadgen.Server] = {}
     requests: dict[str, bytes] = {}
     results: dict[str, list[loadgen.Result]] = {name: [] for name, _ in builds}
     try:
         for name, spec in builds:
             port = loadgen.free_port()
-            if spec == "plain":
-                peer = argparse.Namespace(checkpoint=checkpoint, threads=None, litserve_batch_timeout=None)
-                command, env, cwd = server_command("plain", peer, port)
-                servers[name] = loadgen.Server(name, command, port, "/healthz", env=env, cwd=cwd)
-                requests[name] = loads(port, checkpoint, args.bulk_images)[args.load]
-                continue
             directory, *extra = spec.split("+")
-            src = Path(directory).resolve()
-            flags = ("--max-images-per-request", bulk, "--max-batch-size", bulk, *extra)
-            command = loadgen.service_command(str(checkpoint), port, *flags, grpc_off=has_grpc_flag(src))
-            servers[name] = loadgen.Server(name, command, port, "/readyz", env={"PYTHONPATH": str(src)}, cwd=src)
+            # bench/serving.py's commands: a source tree as its ours-baseline (bulk requests one forward pass, no
+            # gRPC port), or its plain peer; device auto, as `python -m service` chooses by default
+            options = argparse.Namespace(
+                checkpoint=checkpoint, baseline=directory, device="auto", bulk_images=args.bulk_images, threads=None
+            )
+            command, env, cwd = server_command("plain" if spec == "plain" else "ours-baseline", options, port)
+            ready = "/healthz" if spec == "plain" else "/readyz"
+            servers[name] = loadgen.Server(name, [*command, *extra], port, ready, env=env, cwd=cwd)
             requests[name] = loads(port, checkpoint, args.bulk_images)[args.load]
         for round_ in range(args.rounds):
             order = list(servers) if round_ % 2 == 0 else list(servers)[::-1]
