@@ -6,12 +6,17 @@ Two costs pull against each other (docs/reliability.md, docs/benchmarks.md):
 - A forward pass allocates its activations afresh each time: megabytes for a batch (a 256-image batch of the default
   conv VAE: ~10 MB in buffers of 1-4 MB). Served from mappings of their own (mmap), each is page-faulted in and
   unmapped again on every forward; on these virtual machines that doubled a 256-image forward (8.5 -> 16.4 ms).
+- A request's own buffers freed at the top of a heap: glibc hands any free top beyond its trim threshold (128 KiB by
+  default, doubled by each freed mapping while the mmap threshold moves, fixed once it is set) back at once, so the
+  next request faults the pages in again. A 256-image uint8 tensor request (a 200 KB body, its 800 KB float32 copy)
+  took 82 page faults each, ~15 % of its event-loop CPU (0.2 ms of 1.4 ms, docs/benchmarks.md).
 - Heap memory is not given back: after a burst of large uploads (4096x4096 images) the per-thread heaps kept the
   freed buffers, ~1 GB the process no longer used.
 
-So buffers up to MMAP_THRESHOLD come from the heaps, reused forward after forward, and the process trims its heaps
-(malloc_trim, which also returns free pages in the middle of them) when its resident size has grown by
-TRIM_AFTER_GROWTH since the last look: after a burst, not on every request.
+So buffers up to MMAP_THRESHOLD come from the heaps, reused forward after forward; up to TRIM_THRESHOLD of free top
+stays in each heap, reused request after request; and the process trims its heaps (malloc_trim, which also returns
+free pages in the middle of them) when its resident size has grown by TRIM_AFTER_GROWTH since the last look: after a
+burst, not on every request.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ from typing import Any
 
 logger = logging.getLogger("vae_serve")
 
-M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+M_TRIM_THRESHOLD = -1  # glibc's malloc.h
+M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 8 << 20
+TRIM_THRESHOLD = MMAP_THRESHOLD  # a heap keeps at most this much free top: one buffer of the largest it serves
 TRIM_EVERY_S = 1.0
 TRIM_AFTER_GROWTH = 64 << 20
 
@@ -45,11 +52,15 @@ def _libc() -> Any | None:
 
 
 def tune_malloc() -> bool:
-    """Fix glibc's mmap threshold at MMAP_THRESHOLD: buffers below it come from the heaps, larger ones are mappings
-    of their own, returned when freed. Fixed, it also keeps glibc's trim threshold at its 128 KiB default (a moving
-    one doubles it). False (and nothing done) without glibc."""
+    """Fix glibc's mmap threshold at MMAP_THRESHOLD (buffers below it come from the heaps, larger ones are mappings
+    of their own, returned when freed) and its trim threshold at TRIM_THRESHOLD (a heap hands back its free top only
+    beyond that). False (and nothing done) without glibc."""
     libc = _libc()
-    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    return (
+        libc is not None
+        and bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+        and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    )
 
 
 def trim() -> None:
