@@ -6,10 +6,12 @@ Two costs pull against each other (docs/reliability.md, docs/benchmarks.md):
 - A forward pass allocates its activations afresh each time: megabytes for a batch (a 256-image batch of the default
   conv VAE: ~10 MB in buffers of 1-4 MB). Served from mappings of their own (mmap), each is page-faulted in and
   unmapped again on every forward; on these virtual machines that doubled a 256-image forward (8.5 -> 16.4 ms).
-- A request's own buffers freed at the top of a heap: glibc hands any free top beyond its trim threshold (128 KiB by
-  default, doubled by each freed mapping while the mmap threshold moves, fixed once it is set) back at once, so the
-  next request faults the pages in again. A 256-image uint8 tensor request (a 200 KB body, its 800 KB float32 copy)
-  took 82 page faults each, ~15 % of its event-loop CPU (0.2 ms of 1.4 ms, docs/benchmarks.md).
+- Freed buffers at the top of a heap: glibc hands a heap's free top back as soon as it exceeds the trim threshold
+  (128 KiB by default, doubled by each freed mapping while the mmap threshold moves, fixed once it is set), and the
+  next request faults the pages in again. A 256-image uint8 tensor request took 82 page faults on the event loop
+  (~15 % of its CPU there). Worse, in 4 of 10 server starts the forward thread's heap came to hold a
+  256-image forward's 9.5 MB of activations at its top: from then on every forward ended with them handed back
+  (madvise) and began by faulting in up to 2,320 pages, and the server ran them at two thirds of its speed.
 - Heap memory is not given back: after a burst of large uploads (4096x4096 images) the per-thread heaps kept the
   freed buffers, ~1 GB the process no longer used.
 
@@ -35,7 +37,10 @@ logger = logging.getLogger("vae_serve")
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 8 << 20
-TRIM_THRESHOLD = MMAP_THRESHOLD  # a heap keeps at most this much free top: one buffer of the largest it serves
+# Free top a heap keeps: more than a forward pass's activations (9.5 MB for 256 images of the default model). Not
+# more: at 32 MiB the server held ~80 MiB more after a burst of large uploads, which the trim watch did not return
+# (malloc_trim returns free pages inside a thread's heap, not its top; docs/reliability.md).
+TRIM_THRESHOLD = 2 * MMAP_THRESHOLD
 TRIM_EVERY_S = 1.0
 TRIM_AFTER_GROWTH = 64 << 20
 
