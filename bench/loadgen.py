@@ -29,7 +29,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 BOUNDARY = "vae-bench-boundary"
@@ -449,12 +449,20 @@ def machine() -> str:
     )
 
 
-def proc_stat(path: str | Path) -> tuple[int, float] | None:
-    """(parent pid, CPU seconds used so far: user + system) from a /proc/<pid>/stat or /proc/<pid>/task/<tid>/stat
+class ProcStat(NamedTuple):
+    parent: int
+    cpu_seconds: float  # user + system
+    page_faults: int  # minor + major, of every thread that ran in the process (or of the one thread)
+
+
+def proc_stat(path: str | Path) -> ProcStat | None:
+    """The parent pid, CPU seconds and page faults so far, from a /proc/<pid>/stat or /proc/<pid>/task/<tid>/stat
     file (Linux); None when it is gone (the process or thread ended) or unreadable. CPU per request is a server's
-    cost in a form that a busy machine disturbs far less than requests/s."""
+    cost in a form that a busy machine disturbs far less than requests/s; page faults per request show memory handed
+    back and faulted in again on every request (docs/benchmarks.md, section 000000)."""
     try:
         fields = Path(path).read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-        return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return ProcStat(int(fields[1]), cpu, int(fields[7]) + int(fields[9]))
     except (OSError, ValueError, IndexError):
         return None

@@ -21,7 +21,8 @@ server at a time, the servers interleaved cell by cell so that a busy moment hit
 The peers run in their own environment, .bench-venv/ (torch==2.13.0 first, then bench/peers/requirements.txt),
 made on first use. Every run is bounded by --duration seconds and --requests answers. Prints one table (medians
 over --repeat runs) and the issue's targets computed from it. "server CPU" is the CPU time of the server's whole
-process tree per answered request: the least noisy figure on a busy machine.
+process tree per answered request: the least noisy figure on a busy machine; "page faults" its page faults per
+answered request, near 0 once warm unless memory is handed back and faulted in again on every request.
 
 The in-process limits (bench/inprocess.py's bulk rows: the same work with no HTTP) are measured in each repeat just
 before its bulk cells, one run of --duration seconds each, and reported as medians over the repeats like every
@@ -188,21 +189,22 @@ def binary_requests(port: int, pixels: Any, bulk_images: int, model: str) -> dic
     return requests
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds used so far by `pid` and every process below it (LitServe runs several), from /proc."""
+def tree_usage(pid: int) -> tuple[float, int]:
+    """CPU seconds and page faults so far of `pid` and every process below it (LitServe runs several), from /proc."""
     children: dict[int, list[int]] = defaultdict(list)
-    used: dict[int, float] = {}
+    used: dict[int, loadgen.ProcStat] = {}
     for entry in Path("/proc").iterdir():
         stat = loadgen.proc_stat(entry / "stat") if entry.name.isdigit() else None
         if stat is not None:
-            children[stat[0]].append(int(entry.name))
-            used[int(entry.name)] = stat[1]
-    total, todo = 0.0, [pid]
+            children[stat.parent].append(int(entry.name))
+            used[int(entry.name)] = stat
+    cpu, faults, todo = 0.0, 0, [pid]
     while todo:
         p = todo.pop()
-        total += used.get(p, 0.0)
+        if p in used:
+            cpu, faults = cpu + used[p].cpu_seconds, faults + used[p].page_faults
         todo += children.get(p, [])
-    return total
+    return cpu, faults
 
 
 # -- the runs ----------------------------------------------------------------------------------------------------------
@@ -212,6 +214,7 @@ class Cell:
 
     results: list[loadgen.Result] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)
+    page_faults: list[float] = field(default_factory=list)  # per answered request
 
     def median(self, value: str) -> float:
         pick = {
@@ -225,12 +228,14 @@ class Cell:
 
 def run_cell(
     server: loadgen.Server, request: bytes, clients: int, args: argparse.Namespace, requests: int
-) -> tuple[loadgen.Result, float]:
+) -> tuple[loadgen.Result, float, float]:
+    """One measured run after a warm-up: its result, and the server's CPU µs and page faults per answered request."""
     loadgen.run(server.port, request, clients, max(clients, 200), args.warmup)
-    before = tree_cpu_seconds(server.pid)
+    cpu_before, faults_before = tree_usage(server.pid)
     result = loadgen.run(server.port, request, clients, requests, args.duration)
-    cpu = (tree_cpu_seconds(server.pid) - before) / max(1, result.requests) * 1e6
-    return result, cpu
+    cpu_after, faults_after = tree_usage(server.pid)
+    answered = max(1, result.requests)
+    return result, (cpu_after - cpu_before) / answered * 1e6, (faults_after - faults_before) / answered
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, int]]:
@@ -286,10 +291,11 @@ def run_all(
                         continue
                     request = loads[name][scenario]
                     budget = args.requests if not is_bulk(scenario) else max(1, args.requests // args.bulk_images)
-                    result, cpu = run_cell(server, request, clients, args, budget)
+                    result, cpu, faults = run_cell(server, request, clients, args, budget)
                     cell = cells[(scenario, clients, name)]
                     cell.results.append(result)
                     cell.cpu_us.append(cpu)
+                    cell.page_faults.append(faults)
                     print(
                         f"  [{repeat + 1}/{args.repeat}] {scenario:22s} {clients:4d} clients {name:13s} "
                         f"{result.rps:8.0f} req/s  p99 {result.percentile(99):7.1f} ms  errors {result.errors}",
@@ -319,6 +325,7 @@ def report(cells: dict[tuple[str, int, str], Cell], bulk_images: int) -> str:
                 f"{cell.median('p90'):.1f}",
                 f"{cell.median('p99'):.1f}",
                 f"{loadgen.median(cell.cpu_us):,.0f}",
+                f"{loadgen.median(cell.page_faults):,.1f}" if cell.page_faults else "",
             ]
         )
     headers = [
@@ -332,8 +339,9 @@ def report(cells: dict[tuple[str, int, str], Cell], bulk_images: int) -> str:
         "p90 ms",
         "p99 ms",
         "server CPU µs/req",
+        "page faults/req",
     ]
-    return loadgen.table(headers, rows, "lrlrrrrrrr")
+    return loadgen.table(headers, rows, "lrlrrrrrrrr")
 
 
 def verdict(met: bool) -> str:

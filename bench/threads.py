@@ -25,7 +25,7 @@ from model.checkpoint import read_card  # noqa: E402
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
     """CPU seconds used so far by each thread of `pid` (thread id -> user + system)."""
     stats = {int(tid): loadgen.proc_stat(f"/proc/{pid}/task/{tid}/stat") for tid in os.listdir(f"/proc/{pid}/task")}
-    return {tid: stat[1] for tid, stat in stats.items() if stat is not None}
+    return {tid: stat.cpu_seconds for tid, stat in stats.items() if stat is not None}
 
 
 def main(argv: list[str] | None = None) -> None:

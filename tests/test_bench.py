@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import mmap
 import os
 import time
 from pathlib import Path
@@ -229,6 +230,17 @@ def test_thread_cpu_seconds_sees_this_process_working() -> None:
     assert after[os.getpid()] - before[os.getpid()] >= 0.02  # 50 ms of CPU, counted in ticks of 10 ms
 
 
+def test_serving_counts_the_page_faults_of_fresh_memory() -> None:
+    """tree_usage's page faults: memory mapped and touched afresh (as a heap handed back and grown again is) counts
+    one fault a page or more."""
+    _, before = serving.tree_usage(os.getpid())
+    with mmap.mmap(-1, 4 << 20) as fresh:
+        for offset in range(0, len(fresh), mmap.PAGESIZE):
+            fresh[offset] = 1
+    _, after = serving.tree_usage(os.getpid())
+    assert after - before >= (4 << 20) // mmap.PAGESIZE // 512  # one per page, or per 2 MiB huge page at least
+
+
 @pytest.mark.parametrize("script", [inprocess, serving, threads, ab])
 def test_help(script, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -276,3 +288,4 @@ def test_serving_measures_the_limits_beside_each_repeat(tiny_checkpoint: Path, c
     assert out.index("[1/2] in-process limit") < out.index("[1/2] bulk encode") < out.index("[2/2] in-process limit")
     assert out.count("images/s (median of 2 runs: ") == 2
     assert "of the uint8 tensor in-process limit" in out and "| bulk encode v1 tensor | 1 | ours |" in out
+    assert "| server CPU µs/req | page faults/req |" in out
