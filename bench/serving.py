@@ -378,7 +378,7 @@ def targets(
             lines.append(
                 f"encode at 64 clients vs the same server's /healthz: {share:.0%} ({ours.median('rps'):,.0f} "
                 f"vs {health.median('rps'):,.0f} req/s; target >= 70%: "
-                f"{'met' if share >= 0.7 else 'missed'})"
+                f"{verdict(share >= 0.7)})"
             )
     health, plain_health = get("healthz", 64, "ours"), get("healthz", 64, "plain")
     if health is not None and plain_health is not None:
@@ -399,7 +399,7 @@ def targets(
                 lines.append(
                     f"bulk encode ({bulk_images} PNGs per request, {clients} client(s)): "
                     f"{cell.median('rps') * bulk_images:,.0f} images/s = {share:.0%} of the in-process "
-                    f"limit {limit_images_per_s:,.0f} (target >= 60%: {'met' if share >= 0.6 else 'missed'})"
+                    f"limit {limit_images_per_s:,.0f} (target >= 60%: {verdict(share >= 0.6)})"
                 )
     for protocol in BINARY_BUILDERS:
         binary = get(f"encode {protocol}", 64, "ours")
@@ -408,7 +408,7 @@ def targets(
             lines.append(
                 f"single-image encode at 64 clients, {protocol} vs the PNG upload: {binary.median('rps'):,.0f} vs "
                 f"{ours.median('rps'):,.0f} req/s = {ratio:.2f}x, p99 {binary.median('p99'):.1f} vs "
-                f"{ours.median('p99'):.1f} ms (target >= 1x: {'met' if ratio >= 1 else 'missed'})"
+                f"{ours.median('p99'):.1f} ms (target >= 1x: {verdict(ratio >= 1)})"
             )
         for (scenario, clients, name), cell in cells.items():
             if scenario != f"bulk encode {protocol}" or name != "ours":
@@ -422,7 +422,7 @@ def targets(
                 lines.append(
                     f"bulk encode, {protocol} ({bulk_images} images per request, {clients} client(s)): "
                     f"{images_per_s:,.0f} images/s = {said} (target >= 80% of the first: "
-                    f"{'met' if share >= 0.8 else 'missed'})"
+                    f"{verdict(share >= 0.8)})"
                 )
     return lines
 
