@@ -10,6 +10,8 @@ batcher idle (nothing queued, no forward running) and is alone in the server (`a
 event loop itself. A lone request has nothing to batch with; the two hand-offs to and from the worker thread cost
 time and keep torch's OpenMP helper thread spinning (one-client encode p50 1.16 -> 0.98 ms on 2 cores; section 00000
 of docs/benchmarks.md). A request arriving meanwhile waits at most that one small forward, as it would behind a batch.
+Requests that arrived with it start first, so that `alone()` counts them: it yields one turn of the loop, unless it
+is alone and `latest()` says that no task was made after its own (service.arrivals), so that none can be waiting.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class MicroBatcher:
         observer: BatchObserver | None = None,
         inline_max_images: int = 0,
         alone: Callable[[], bool] = lambda: False,
+        latest: Callable[[], bool] = lambda: False,
     ) -> None:
         self.name = name
         self._forward = forward
@@ -92,6 +95,7 @@ class MicroBatcher:
         self._observer = observer or BatchObserver()
         self._inline_max = inline_max_images
         self._alone = alone
+        self._latest = latest
         self._forwarding = False  # a batch is in the worker thread
         self._queue: deque[Item] = deque()
         self._queued = 0  # images waiting
@@ -142,7 +146,10 @@ class MicroBatcher:
         n = next(iter(inputs.values())).shape[0]
         mergeable = op in self._mergeable
         if mergeable and n <= self._inline_max and self._idle():
-            await asyncio.sleep(0)  # requests that arrived with this one start first, and are seen by alone()
+            if not (self._latest() and self._alone()):
+                # Requests that arrived with this one start first, and are seen by alone(). A request that will queue
+                # anyway waits the turn too: those that found the model idle with it then join its batch.
+                await asyncio.sleep(0)
             if self._idle() and self._alone():
                 return self._forward_inline(op, inputs, arg, n)
         if mergeable and n > self._max_batch:

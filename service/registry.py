@@ -37,6 +37,7 @@ import torch
 from model import checkpoint
 from model.device import resolve_device
 from service import memory
+from service.arrivals import NewestTask
 from service.batching import BatchObserver, MicroBatcher
 from service.errors import InvalidModelFolder, ModelNotFound, ModelNotReady, ServiceError, StartupError
 from service.predictor import MERGEABLE_OPS, VAEPredictor
@@ -359,11 +360,13 @@ class ModelRegistry:
         self._device = torch.device("cpu")
         self._executors: dict[str, ThreadPoolExecutor] = {}
         self._watch: asyncio.Task[None] | None = None
+        self.newest_task = NewestTask()  # the loop's task factory while serving: see service.arrivals
 
     # -- start and stop --------------------------------------------------------------------------------------------
     async def start(self) -> None:
         """Discover, load and warm every model, then start its batchers; raises StartupError with one message."""
         s = self.settings
+        self.newest_task.install(asyncio.get_running_loop())
         try:
             self._device = resolve_device(s.device)
         except (ValueError, RuntimeError) as e:
@@ -400,6 +403,7 @@ class ModelRegistry:
                 await served.batcher.stop()
         for executor in self._executors.values():
             executor.shutdown(wait=False, cancel_futures=True)
+        self.newest_task.uninstall()
 
     # -- requests --------------------------------------------------------------------------------------------------
     def acquire(self, name: str | None) -> ServedModel:
@@ -659,6 +663,7 @@ class ModelRegistry:
             observer=self.observer,
             inline_max_images=s.inline_max_images if self._device.type == "cpu" else 0,
             alone=lambda: self.requests_in_flight() <= 1,
+            latest=self.newest_task.is_current,
         )
         batcher.start()
         cfg = predictor.config

@@ -311,6 +311,35 @@ async def test_a_lone_request_queues_behind_a_running_forward_and_its_errors_rea
     assert after["y"].flatten().tolist() == [22.0]
 
 
+@pytest.mark.parametrize("latest", [True, False])
+async def test_a_lone_request_yields_a_turn_of_the_loop_unless_no_task_was_made_after_it(executor, latest) -> None:
+    """Before it runs on the event loop, a lone request lets requests that arrived with it start (and be counted),
+    unless its task is the newest the loop made (service.arrivals): then none can be waiting, and it skips the turn.
+    A request that is not alone waits the turn even then, as requests that found the model idle with it join it."""
+    turns: list[bool] = []
+    company = [False]
+
+    class Watch(Forward):
+        def __call__(self, op: str, inputs: dict[str, torch.Tensor], arg: object) -> dict[str, torch.Tensor]:
+            turns.append(turned.is_set())
+            return super().__call__(op, inputs, arg)
+
+    forward = Watch()
+    batcher = make(forward, executor, inline_max_images=2, alone=lambda: not company[0], latest=lambda: latest)
+    loop = asyncio.get_running_loop()
+    try:
+        for with_company in (False, True):
+            company[0] = with_company
+            turned = asyncio.Event()
+            loop.call_soon(turned.set)  # runs only if the request gives up a turn of the loop first
+            await batcher.submit("encode", rows(0), timeout=10)
+    finally:
+        await batcher.stop()
+    assert turns == [not latest, True]
+    loop_thread = threading.current_thread().name
+    assert [name == loop_thread for _, _, name in forward.calls] == [True, False]
+
+
 # -- through the app --------------------------------------------------------------------------------------------------
 class Spy:
     """Wraps a batcher's forward: counts calls and batch sizes; optionally holds the first call at a gate."""
