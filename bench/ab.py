@@ -7,8 +7,10 @@ the same checkpoint and flags, plus any given after `+` (`one=.+--cpu-threads=1`
 FastAPI app of bench/serving.py instead (bench/peers/plain_fastapi.py, in the peers' environment), for the loads it
 serves (encode, sample?n=1, healthz). Every round drives each server in turn with the same load for --seconds (after
 --warmup unmeasured), reversing the order every other round so that a machine getting faster or slower hits all
-alike; the table gives each build's median req/s and p50, and its ratio to the first build's median. On a shared
-2-core machine a change under ~5 % needs more rounds than that to tell from noise (docs/benchmarks.md, 0000).
+alike; the table gives each build's median req/s and p50, its ratio to the first build's median, and the median
+(and range) of its per-round ratios to the first build, req/s and p50, each round's pair measured back to back. On a
+shared 2-core machine a change under ~5 % needs more rounds than that to tell from noise (docs/benchmarks.md, 0000):
+many short rounds (--rounds 20 --seconds 1.5) read the per-round ratios best.
 
 Loads: encode, sample?n=1, healthz (as bench/serving.py sends them), bulk encode (--bulk-images PNGs), and the binary
 path: tensor (one uint8 image as a raw /v1/encode body), bulk tensor, v2 (one image, v2 binary).
@@ -97,16 +99,36 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         for server in servers.values():
             server.stop()
-    reference = statistics.median(r.rps for r in results[builds[0][0]])
-    rows = []
-    for name, _ in builds:
-        rps = statistics.median(r.rps for r in results[name])
-        p50 = statistics.median(r.percentile(50) for r in results[name])
-        rows.append([name, f"{rps:,.0f}", f"{p50:.2f}", f"{rps / reference:.3f}"])
     print(
         f"\n{args.load} at {args.clients} client(s), {args.rounds} rounds of {args.seconds:g} s; {loadgen.machine()}\n"
     )
-    print(loadgen.table(["build", "req/s (median)", "p50 ms (median)", f"ratio to {builds[0][0]}"], rows))
+    print(summary(results, builds[0][0]))
+
+
+def summary(results: dict[str, list[loadgen.Result]], reference: str) -> str:
+    """Each build's median req/s and p50 over the rounds, and its ratios to the reference: of the medians, and the
+    median of the per-round ratios (each round's pair measured back to back, so a machine that drifts between
+    rounds moves both sides of a pair alike), with their range."""
+    rows = []
+    base = results[reference]
+    for name, runs in results.items():
+        rps = statistics.median(r.rps for r in runs)
+        p50 = statistics.median(r.percentile(50) for r in runs)
+        paired = [r.rps / b.rps for r, b in zip(runs, base, strict=True)]
+        paired_p50 = [r.percentile(50) / b.percentile(50) for r, b in zip(runs, base, strict=True)]
+        rows.append(
+            [
+                name,
+                f"{rps:,.0f}",
+                f"{p50:.2f}",
+                f"{rps / statistics.median(b.rps for b in base):.3f}",
+                f"{statistics.median(paired):.3f} ({min(paired):.2f}-{max(paired):.2f})",
+                f"{statistics.median(paired_p50):.3f} ({min(paired_p50):.2f}-{max(paired_p50):.2f})",
+            ]
+        )
+    head = ["build", "req/s (median)", "p50 ms (median)", f"req/s ratio to {reference}"]
+    head += ["req/s ratio, per round (median, range)", "p50 ratio, per round (median, range)"]
+    return loadgen.table(head, rows)
 
 
 if __name__ == "__main__":

@@ -275,6 +275,23 @@ def test_ab_builds_the_same_loads_at_the_checkpoints_size(tiny_checkpoint: Path)
         ab.main(["bulk encode", "1", "p=plain"])  # the hand-written app serves encode, sample and healthz only
 
 
+def test_ab_pairs_each_round_with_the_references_round() -> None:
+    """A machine that slows between rounds moves both sides of a round: the per-round ratio sees through it, the
+    ratio of medians does not."""
+
+    def run(rps: float, p50_ms: float) -> loadgen.Result:
+        return loadgen.Result(clients=1, latencies=[p50_ms / 1000] * int(rps), seconds=1.0)
+
+    base = [run(1000, 1.0), run(500, 2.0), run(400, 2.5)]
+    new = [run(1100, 0.9), run(550, 1.8), run(440, 2.25)]  # 10 % faster in every round
+    table = ab.summary({"base": base, "new": new}, "base").splitlines()
+    assert table[2].split("|")[4:7] == [" 1.000 ", " 1.000 (1.00-1.00) ", " 1.000 (1.00-1.00) "]
+    assert table[3].split("|")[2:7] == [" 550 ", " 1.80 ", " 1.100 ", " 1.100 (1.10-1.10) ", " 0.900 (0.90-0.90) "]
+    slower_machine = [run(1100, 0.9), run(300, 3.0), run(440, 2.25)]  # round 2 caught a slow minute
+    row = ab.summary({"base": base, "new": slower_machine}, "base").splitlines()[3].split("|")
+    assert row[5] == " 1.100 (0.60-1.10) "  # the median of the rounds' ratios is unmoved
+
+
 @pytest.mark.e2e
 def test_serving_measures_the_limits_beside_each_repeat(tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]):
     """The in-process limits run once per repeat, before its bulk cells, and the targets use their medians."""
