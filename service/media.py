@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import struct
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -108,9 +109,32 @@ def b64decode(text: str, what: str = "image") -> bytes:
 
 
 def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    """An 8-bit greyscale or RGB image as a PNG, written here: zlib at level 1 over the rows, each unfiltered (the
+    format's filter type 0). Pillow's writer spends more on each save's set-up than on a small image: a 28x28
+    digit took 24-55 against 14 us, a 482x482 grid of 256 digits 3.9 against 2.2 ms, its file 3 % smaller
+    (docs/benchmarks.md, section 0000000). Other modes go through Pillow."""
+    color_type = _PNG_COLOR_TYPES.get(len(image.getbands())) if image.mode in ("L", "RGB") else None
+    if color_type is None:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", compress_level=1)
+        return buf.getvalue()
+    pixels = np.asarray(image)
+    height, width = pixels.shape[:2]
+    rows = np.zeros((height, 1 + pixels[0].size), np.uint8)  # each row: its filter type (0), then its bytes
+    rows[:, 1:] = pixels.reshape(height, -1)
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)  # 8 bits, deflate, no interlace
+    return b"".join(
+        (
+            PNG_SIGNATURE,
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"IDAT", zlib.compress(rows.data, 1)),
+            _png_chunk(b"IEND"),
+        )
+    )
+
+
+def _png_chunk(kind: bytes, data: bytes = b"") -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
 
 
 def jpeg_bytes(image: Image.Image) -> bytes:
