@@ -111,8 +111,8 @@ def b64decode(text: str, what: str = "image") -> bytes:
 def png_bytes(image: Image.Image) -> bytes:
     """An 8-bit greyscale or RGB image as a PNG, written here: zlib at level 1 over the rows, each unfiltered (the
     format's filter type 0). Pillow's writer spends more on each save's set-up than on a small image: a 28x28
-    digit took 24-55 against 14 us, a 482x482 grid of 256 digits 3.9 against 2.2 ms, its file 3 % smaller
-    (docs/benchmarks.md, section 0000000). Other modes go through Pillow."""
+    digit took 19-55 us there against 14-25 here, a 482x482 grid of 256 digits 3.9 against 2.2 ms (Pillow's file
+    3 % smaller; docs/benchmarks.md, section 0000000). Other modes go through Pillow."""
     color_type = _PNG_COLOR_TYPES.get(len(image.getbands())) if image.mode in ("L", "RGB") else None
     if color_type is None:
         buf = io.BytesIO()
