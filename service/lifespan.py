@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
@@ -40,17 +39,14 @@ def lifespan(
             await registry.stop()
             raise
         app.state.grpc_port = grpc.port if grpc is not None else None
-        # What is alive now (torch, the app, the models: ~200k objects) lives as long as the server. Frozen, the
-        # collector's full passes stop walking it: they took 50-100 ms each under load (docs/benchmarks.md).
-        gc.freeze()
         trimmer = asyncio.get_running_loop().create_task(memory.trim_after_growth(), name="trim-heap")
         try:
-            yield
+            with memory.collector_for_serving():
+                yield
         finally:
             trimmer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await trimmer
-            gc.unfreeze()
             if grpc is not None:
                 await grpc.stop(settings.graceful_shutdown_s)
             await registry.stop()

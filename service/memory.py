@@ -19,17 +19,25 @@ So buffers up to MMAP_THRESHOLD come from the heaps, reused forward after forwar
 stays in each heap, reused request after request; and the process trims its heaps (malloc_trim, which also returns
 free pages in the middle of them) when its resident size has grown by TRIM_AFTER_GROWTH since the last look: after a
 burst, not on every request.
+
+While serving, the cyclic garbage collector runs rarely (`collector_for_serving`). A request's objects are freed by
+reference counting as soon as it is answered; almost none become cyclic garbage. But CPython starts a young
+collection whenever 700 more objects are alive than at its last one, and a few dozen requests in flight hold more
+than that: each collection walked the live requests' objects, freed nothing, and moved them on to the older
+generations, whose collections walked them again (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import functools
+import gc
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 logger = logging.getLogger("vae_serve")
@@ -43,6 +51,9 @@ MMAP_THRESHOLD = 8 << 20
 TRIM_THRESHOLD = 2 * MMAP_THRESHOLD
 TRIM_EVERY_S = 1.0
 TRIM_AFTER_GROWTH = 64 << 20
+# Objects allocated (net of those freed) that start a young collection while serving; CPython's default is 700. 256
+# encode requests in flight held ~12,000; above this, a young collection runs as before.
+YOUNG_COLLECTION_THRESHOLD = 50_000
 
 
 @functools.cache
@@ -73,6 +84,21 @@ def trim() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def collector_for_serving() -> Iterator[None]:
+    """While serving: what is alive now (torch, the app, the models: ~200k objects) frozen, so that full collections
+    stop walking it (they took 50-100 ms each under load), and young collections started only past
+    YOUNG_COLLECTION_THRESHOLD. Both are given back on exit."""
+    thresholds = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, *thresholds[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
 
 
 def resident_bytes() -> int | None:

@@ -1,14 +1,18 @@
-"""service.memory: the heap handed back after a burst, and never on the steady path."""
+"""service.memory: the heap handed back after a burst, and never on the steady path; the garbage collector's young
+collections wait for YOUNG_COLLECTION_THRESHOLD while the server serves."""
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from service_helpers import serve
 
 from service import memory
 
@@ -113,3 +117,56 @@ def test_freed_buffers_stay_in_the_heap_for_the_next_request() -> None:
     request, forward = (float(n) for n in run.stdout.split())
     assert request < 8, f"{request} page faults per 1 MiB request buffer (256 pages)"
     assert forward < 64, f"{forward} page faults per 12 MiB forward pass (3,072 pages)"
+
+
+def young_collections(work: Callable[[], object]) -> tuple[object, list[int]]:
+    """What `work` returns, and the generation of each collection the collector started while it ran."""
+    started: list[int] = []
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(info["generation"])
+
+    gc.callbacks.append(seen)
+    try:
+        return work(), started
+    finally:
+        gc.callbacks.remove(seen)
+
+
+def in_flight(n: int = 20_000) -> list[list[int]]:
+    """n live containers, as requests in flight hold them: nothing a collection could free."""
+    return [[] for _ in range(n)]
+
+
+def test_while_serving_young_collections_wait_for_the_threshold_and_the_defaults_come_back() -> None:
+    defaults = gc.get_threshold()
+    assert defaults[0] < 20_000, "CPython's default young threshold (700)"
+    frozen = gc.get_freeze_count()
+    with memory.collector_for_serving():
+        assert gc.get_threshold() == (memory.YOUNG_COLLECTION_THRESHOLD, *defaults[1:])
+        assert gc.get_freeze_count() > frozen  # what was alive at the start: never walked again
+        gc.collect(0)  # the count starts from zero
+        held, started = young_collections(in_flight)
+        assert started == []
+        del held
+    assert gc.get_threshold() == defaults
+    assert gc.get_freeze_count() == 0
+    held, started = young_collections(in_flight)
+    assert started, "with the default threshold the same live objects start young collections"
+
+
+def test_the_thresholds_come_back_after_an_error() -> None:
+    defaults = gc.get_threshold()
+    with pytest.raises(RuntimeError), memory.collector_for_serving():
+        raise RuntimeError
+    assert gc.get_threshold() == defaults
+
+
+@pytest.mark.anyio
+async def test_the_server_tunes_the_collector_while_it_serves(settings_for) -> None:
+    defaults = gc.get_threshold()
+    async with serve(settings_for()) as (_, client):
+        assert gc.get_threshold()[0] == memory.YOUNG_COLLECTION_THRESHOLD
+        assert (await client.get("/healthz")).status_code == 200
+    assert gc.get_threshold() == defaults
