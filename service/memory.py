@@ -24,7 +24,8 @@ While serving, the cyclic garbage collector runs rarely (`collector_for_serving`
 reference counting as soon as it is answered; almost none become cyclic garbage. But CPython starts a young
 collection whenever 700 more objects are alive than at its last one, and a few dozen requests in flight hold more
 than that: each collection walked the live requests' objects, freed nothing, and moved them on to the older
-generations, whose collections walked them again (docs/benchmarks.md).
+generations, whose collections walked them again: 22 µs of the event loop per encode at 64 clients, 71 at 256
+(docs/benchmarks.md, section 00000000).
 """
 
 from __future__ import annotations
