@@ -109,32 +109,34 @@ def b64decode(text: str, what: str = "image") -> bytes:
 
 
 def png_bytes(image: Image.Image) -> bytes:
-    """An 8-bit greyscale or RGB image as a PNG, written here: zlib at level 1 over the rows, each unfiltered (the
-    format's filter type 0). Pillow's writer spends more on each save's set-up than on a small image: a 28x28
-    digit took 19-55 us there against 14-25 here, a 482x482 grid of 256 digits 3.9 against 2.2 ms (Pillow's file
-    3 % smaller; docs/benchmarks.md, section 0000000). Other modes go through Pillow."""
-    color_type = _PNG_COLOR_TYPES.get(len(image.getbands())) if image.mode in ("L", "RGB") else None
-    if color_type is None:
-        buf = io.BytesIO()
-        image.save(buf, format="PNG", compress_level=1)
-        return buf.getvalue()
-    pixels = np.asarray(image)
+    """An image as a PNG: 8-bit grey and RGB by png_pixels, other modes by Pillow."""
+    if image.mode in ("L", "RGB"):
+        return png_pixels(np.asarray(image))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def png_pixels(pixels: np.ndarray) -> bytes:
+    """uint8 pixels, (H, W) grey or (H, W, 3) RGB, as a PNG written here: zlib at level 1 over the rows, each
+    unfiltered (the format's filter type 0). Pillow's writer spends more on each save's set-up than on a small image:
+    a 28x28 digit took 19-55 us there against 14-25 here, a 482x482 grid of 256 digits 3.9 against 2.2 ms (Pillow's
+    file 3 % smaller; docs/benchmarks.md, section 0000000). Answers' pixels come here without a PIL image between."""
     height, width = pixels.shape[:2]
+    color_type = _PNG_COLOR_TYPES[1 if pixels.ndim == 2 else pixels.shape[2]]
     rows = np.zeros((height, 1 + pixels[0].size), np.uint8)  # each row: its filter type (0), then its bytes
     rows[:, 1:] = pixels.reshape(height, -1)
     header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)  # 8 bits, deflate, no interlace
     return b"".join(
-        (
-            PNG_SIGNATURE,
-            _png_chunk(b"IHDR", header),
-            _png_chunk(b"IDAT", zlib.compress(rows.data, 1)),
-            _png_chunk(b"IEND"),
-        )
+        (PNG_SIGNATURE, _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", zlib.compress(rows.data, 1)), _IEND)
     )
 
 
 def _png_chunk(kind: bytes, data: bytes = b"") -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+
+
+_IEND = _png_chunk(b"IEND")
 
 
 def jpeg_bytes(image: Image.Image) -> bytes:
@@ -143,8 +145,9 @@ def jpeg_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def png_base64(image: Image.Image) -> str:
-    return base64.b64encode(png_bytes(image)).decode("ascii")
+def png_base64(pixels: np.ndarray) -> str:
+    """png_pixels, in base64."""
+    return base64.b64encode(png_pixels(pixels)).decode("ascii")
 
 
 def gif_bytes(frames: Sequence[Image.Image], frame_ms: int) -> bytes:

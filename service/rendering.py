@@ -68,7 +68,7 @@ def image_fields(images: torch.Tensor, encoding: str) -> dict[str, Any]:
     """The `images` (base64 PNGs) or `pixels` field of a JSON answer."""
     if encoding == "pixels":
         return {"pixels": images.tolist()}
-    return {"images": [media.png_base64(img) for img in to_pil(images)]}
+    return {"images": [media.png_base64(pixels) for pixels in single_channel_squeezed(pixels_of(images))]}
 
 
 def pixels_of(images: torch.Tensor) -> np.ndarray:

@@ -4,6 +4,7 @@ numbers exactly, and simple multipart headers parse as python-multipart parses t
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 
@@ -195,3 +196,16 @@ def test_numpy_rendering_gives_the_torch_paths_bytes(channels: int, n: int) -> N
             rows = nrow or int(np.ceil(np.sqrt(n)))
             want = preprocess.tensor_to_pil(preprocess.make_grid(images, nrow=rows, padding=padding))
         assert (got.mode, got.size, got.tobytes()) == (want.mode, want.size, want.tobytes())
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_json_answer_pngs_hold_the_torch_paths_pixels(channels: int) -> None:
+    """A JSON answer's `images` are written from the quantised pixels with no PIL image between: each decodes to
+    model.preprocess's tensor_to_pil of its image, mode and pixels."""
+    g = torch.Generator().manual_seed(channels)
+    images = torch.rand(3, channels, 7, 4, generator=g) * 1.2 - 0.1
+    encoded = rendering.image_fields(images, "png")["images"]
+    assert len(encoded) == 3
+    for text, image in zip(encoded, images, strict=True):
+        back, want = Image.open(io.BytesIO(base64.b64decode(text))), preprocess.tensor_to_pil(image)
+        assert (back.format, back.mode, back.size, back.tobytes()) == ("PNG", want.mode, want.size, want.tobytes())
