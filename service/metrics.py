@@ -160,6 +160,7 @@ class Metrics(RegistryObserver):
         )
         self.queue = Gauge("vae_queue_depth", "images waiting for a forward pass", ["model"], registry=self.registry)
         self._queues: dict[str, Any] = {}
+        self._batches: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         self.versions = VersionStats()
         self.registry.register(self.versions)
         self.loads = Counter(
@@ -200,9 +201,20 @@ class Metrics(RegistryObserver):
 
     # BatchObserver
     def batch(self, model: str, op: str, size: int, seconds: float) -> None:
-        self.batch_size.labels(model, op).observe(size)
-        self.forward_seconds.labels(model, op).observe(seconds)
-        self.images.labels(model, op).inc(size)
+        # Each series looked up once: labels() takes a lock and validates its arguments on every call. Called from
+        # the worker thread and, for lone requests, the event loop: both would store the same children.
+        series = self._batches.get((model, op))
+        if series is None:
+            args = (model, op)
+            series = self._batches[args] = (
+                self.batch_size.labels(*args),
+                self.forward_seconds.labels(*args),
+                self.images.labels(*args),
+            )
+        sizes, durations, images = series
+        sizes.observe(size)
+        durations.observe(seconds)
+        images.inc(size)
 
     def queue_depth(self, model: str, images: int) -> None:
         gauge = self._queues.get(model)
