@@ -8,7 +8,7 @@ import torch
 
 from model import checkpoint
 from model.losses import iwae_log_likelihood, kl_divergence, kl_term, log_normal
-from model.priors import FlowPrior, StandardNormalPrior, VampPrior
+from model.priors import FlowPrior, StandardNormalPrior, VampPrior, randn
 from model.vae import VAE, VAEConfig
 
 
@@ -242,3 +242,12 @@ def test_a_card_whose_prior_does_not_fit_the_weights_is_refused(tmp_path):
     card_path.write_text(json.dumps(card))
     with pytest.raises(checkpoint.CheckpointError, match="does not fit the weights"):
         checkpoint.load(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_noise_is_drawn_on_the_generators_device_then_made_like_the_reference(dtype: torch.dtype) -> None:
+    """The same seed draws the same float32 numbers whatever the reference; they come back in its dtype."""
+    expected = torch.randn((3, 4), generator=torch.Generator().manual_seed(7))
+    noise = randn((3, 4), torch.Generator().manual_seed(7), like=torch.empty(0, dtype=dtype))
+    assert noise.dtype == dtype
+    assert torch.equal(noise, expected.to(dtype))
