@@ -83,6 +83,7 @@ class MicroBatcher:
         inline_max_images: int = 0,
         alone: Callable[[], bool] = lambda: False,
         latest: Callable[[], bool] = lambda: False,
+        after_inline: Callable[[asyncio.AbstractEventLoop], None] = lambda loop: None,
     ) -> None:
         self.name = name
         self._forward = forward
@@ -96,6 +97,7 @@ class MicroBatcher:
         self._inline_max = inline_max_images
         self._alone = alone
         self._latest = latest
+        self._after_inline = after_inline
         self._forwarding = False  # a batch is in the worker thread
         self._queue: deque[Item] = deque()
         self._queued = 0  # images waiting
@@ -225,8 +227,10 @@ class MicroBatcher:
     def _forward_inline(self, op: str, inputs: Tensors, arg: Any, n: int) -> Tensors:
         """A lone small request's forward, on the event loop (see the module's docstring): the worker's own
         _execute, for one item, so that it is timed, counted and logged as every batch is."""
-        item = Item(op, inputs, arg, n, None, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        item = Item(op, inputs, arg, n, None, loop.create_future())
         (result,) = self._execute([[item]])
+        self._after_inline(loop)  # service.arrivals.Linger: the loop stays awake for the next request a moment
         if isinstance(result, BaseException):
             raise result
         out = result[0]

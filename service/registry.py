@@ -37,7 +37,7 @@ import torch
 from model import checkpoint
 from model.device import resolve_device
 from service import memory
-from service.arrivals import NewestTask
+from service.arrivals import Linger, NewestTask
 from service.batching import BatchObserver, MicroBatcher
 from service.errors import InvalidModelFolder, ModelNotFound, ModelNotReady, ServiceError, StartupError
 from service.predictor import MERGEABLE_OPS, VAEPredictor
@@ -361,6 +361,8 @@ class ModelRegistry:
         self._executors: dict[str, ThreadPoolExecutor] = {}
         self._watch: asyncio.Task[None] | None = None
         self.newest_task = NewestTask()  # the loop's task factory while serving: see service.arrivals
+        # the loop awake after a lone request (ditto), while no request is in flight
+        self.linger = Linger(settings.inline_linger_us / 1e6, lambda: self.requests_in_flight() == 0)
 
     # -- start and stop --------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -664,6 +666,7 @@ class ModelRegistry:
             inline_max_images=s.inline_max_images if self._device.type == "cpu" else 0,
             alone=lambda: self.requests_in_flight() <= 1,
             latest=self.newest_task.is_current,
+            after_inline=self.linger.request,
         )
         batcher.start()
         cfg = predictor.config

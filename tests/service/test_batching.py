@@ -340,6 +340,30 @@ async def test_a_lone_request_yields_a_turn_of_the_loop_unless_no_task_was_made_
     assert [name == loop_thread for _, _, name in forward.calls] == [True, False]
 
 
+async def test_the_loop_is_asked_to_linger_after_a_lone_request_on_it_only(executor) -> None:
+    """after_inline (service.arrivals.Linger) is called with the running loop after a forward on the event loop, and
+    never for a request that goes to the worker."""
+    asked: list[asyncio.AbstractEventLoop] = []
+    company = [False]
+    batcher = make(
+        Forward(),
+        executor,
+        inline_max_images=2,
+        alone=lambda: not company[0],
+        latest=lambda: True,
+        after_inline=asked.append,
+    )
+    try:
+        await batcher.submit("encode", rows(0), timeout=10)
+        assert asked == [asyncio.get_running_loop()]
+        company[0] = True
+        await batcher.submit("encode", rows(1), timeout=10)
+        await batcher.submit("encode", rows(2, 3), timeout=10)  # alone, but over inline_max_images
+    finally:
+        await batcher.stop()
+    assert len(asked) == 1
+
+
 # -- through the app --------------------------------------------------------------------------------------------------
 class Spy:
     """Wraps a batcher's forward: counts calls and batch sizes; optionally holds the first call at a gate."""
