@@ -35,9 +35,9 @@ import torch  # noqa: E402
 
 from bench import loadgen  # noqa: E402
 from model.device import resolve_device  # noqa: E402
-from service import decoding, media, multipart  # noqa: E402
+from service import decoding, multipart  # noqa: E402
 from service.predictor import Job, VAEPredictor  # noqa: E402
-from service.rendering import json_response, tensor_response, to_pil  # noqa: E402
+from service.rendering import image_fields, json_response, tensor_response  # noqa: E402
 from service.schemas import Call, EncodeRequest  # noqa: E402
 
 BATCHES = (1, 8, 64, 256)
@@ -161,7 +161,7 @@ def measure(
         rows.append(timed("encode output -> JSON answer", n, lambda out=out: encode_answer(p, out)))
         rows.append(timed("encode output -> tensor answer", n, lambda out=out: encode_tensor_answer(p, out)))
     images = p.predict("decode", forward_inputs(p, "decode", max(batches)))["image"]
-    rows.append(timed("output -> base64 PNG", 1, lambda: media.png_base64(to_pil(images[:1])[0])))
+    rows.append(timed("output -> base64 PNG", 1, lambda: image_fields(images[:1], "png")))
     rows.append(bulk_limit(p, png, max(batches), seconds, rounds, max_calls))
     rows.append(bulk_tensor_limit(p, digit_pixels(p), max(batches), seconds, rounds, max_calls))
     return rows
