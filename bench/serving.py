@@ -258,10 +258,20 @@ def runs_on(scenario: str, server: str) -> bool:
     return not is_bulk(scenario) or server.startswith("ours")
 
 
+def rotation(names: list[str], repeat: int) -> list[str]:
+    """The order the servers run in each cell of repeat `repeat`: rotated one place each repeat. A cell's first server
+    runs right after the previous cell's last, whose load the machine can still feel: with a fixed order, one-client
+    `sample?n=1` read 1.20x the plain app's p50 with ours first and 0.83x with the plain app first (docs/benchmarks.md,
+    section 00000000)."""
+    shift = repeat % len(names) if names else 0
+    return names[shift:] + names[:shift]
+
+
 def run_all(
     args: argparse.Namespace, png: bytes, pixels: Any, limits: Callable[[], dict[str, float]] | None = None
 ) -> tuple[dict[tuple[str, int, str], Cell], dict[str, list[float]]]:
-    """Every cell of plan(args) on every server it runs on, --repeat times; and the in-process limits beside them:
+    """Every cell of plan(args) on every server it runs on (in rotation's order), --repeat times; and the in-process
+    limits beside them:
     `limits()` (images/s by name) runs once per repeat, just before that repeat's bulk cells, so that each served
     bulk figure and its limit are measured minutes apart at most, and both are medians over the repeats."""
     cells: dict[tuple[str, int, str], Cell] = defaultdict(Cell)
@@ -286,7 +296,8 @@ def run_all(
                         limit_runs[what].append(images_per_s)
                         print(f"  [{repeat + 1}/{args.repeat}] in-process limit, {what}: {images_per_s:,.0f} images/s")
                     measured = True
-                for name, server in servers.items():
+                for name in rotation(list(servers), repeat):
+                    server = servers[name]
                     if not runs_on(scenario, name):
                         continue
                     request = loads[name][scenario]

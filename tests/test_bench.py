@@ -306,3 +306,12 @@ def test_serving_measures_the_limits_beside_each_repeat(tiny_checkpoint: Path, c
     assert out.count("images/s (median of 2 runs: ") == 2
     assert "of the uint8 tensor in-process limit" in out and "| bulk encode v1 tensor | 1 | ours |" in out
     assert "| server CPU µs/req | page faults/req |" in out
+
+
+def test_serving_rotates_the_servers_order_each_repeat() -> None:
+    """Each server runs first in a cell once every len(servers) repeats."""
+    names = ["ours", "plain", "ours-baseline"]
+    orders = [serving.rotation(names, repeat) for repeat in range(4)]
+    assert orders[0] == names and orders[3] == names
+    assert [order[0] for order in orders[:3]] == names
+    assert all(sorted(order) == sorted(names) for order in orders)
