@@ -68,7 +68,7 @@ def image_fields(images: torch.Tensor, encoding: str) -> dict[str, Any]:
     """The `images` (base64 PNGs) or `pixels` field of a JSON answer."""
     if encoding == "pixels":
         return {"pixels": images.tolist()}
-    return {"images": [media.png_base64(pixels) for pixels in single_channel_squeezed(pixels_of(images))]}
+    return {"images": [media.png_base64(pixels) for pixels in image_pixels(images)]}
 
 
 def pixels_of(images: torch.Tensor) -> np.ndarray:
@@ -81,14 +81,16 @@ def pixels_of(images: torch.Tensor) -> np.ndarray:
     return pixels
 
 
-def single_channel_squeezed(pixels: np.ndarray) -> np.ndarray:
-    """uint8 (..., H, W, C) -> (..., H, W) for one channel, else as it is; C-contiguous either way."""
+def image_pixels(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) floats in [0, 1] -> the images' uint8 pixels as PNGs hold them: (N, H, W) for one channel, else
+    (N, H, W, C); C-contiguous either way. What every image answer (PNG, PIL image, uint8 tensor) is made of."""
+    pixels = pixels_of(images)
     return np.ascontiguousarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(N, C, H, W) in [0, 1] -> N images, L (one channel) or RGB."""
-    return [Image.fromarray(single_channel_squeezed(p)) for p in pixels_of(images)]
+    return [Image.fromarray(p) for p in image_pixels(images)]
 
 
 def grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> Image.Image:
@@ -135,5 +137,5 @@ def image_array(images: torch.Tensor, options: TensorQuery | None) -> np.ndarray
     if query is not None and query.output_type == "pil":
         return images.numpy()
     if query is not None and query.partial_postprocess:
-        return single_channel_squeezed(pixels_of(images))  # the PNGs' pixels: the same bytes
+        return image_pixels(images)  # the PNGs' pixels: the same bytes
     return (images * 2.0 - 1.0).numpy()
